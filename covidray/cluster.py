@@ -1,0 +1,70 @@
+"""Connecting to Ray and sizing work from what the cluster has.
+
+Ray Train workers and Ray Data tasks share the cluster's CPUs. At default resources a
+small cluster deadlocks (the workers hold every CPU and the read tasks never run), so
+:func:`plan_resources` always leaves CPUs for the data pipeline.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import asdict, dataclass
+
+
+@dataclass(frozen=True)
+class ResourcePlan:
+    workers: int
+    worker_cpus: float  # CPUs reserved per Ray Train worker
+    worker_gpus: float
+    data_cpus: float  # CPUs per Ray Data map task / scoring actor
+    torch_threads: int  # intra-op threads per training worker
+    scoring_actors: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def plan_resources(cluster: dict, workers: int = 1, use_gpu: bool = False) -> ResourcePlan:
+    """Split ``cluster`` (``ray.cluster_resources()``) between training workers and data work."""
+    cpus = float(cluster.get("CPU", 1.0))
+    gpus = float(cluster.get("GPU", 0.0))
+    if workers < 1:
+        raise ValueError("--workers must be at least 1")
+    if use_gpu and gpus < workers:
+        raise ValueError(f"--use-gpu with {workers} workers needs {workers} GPUs; the cluster "
+                         f"has {gpus:g}. Lower --workers or drop --use-gpu")
+    # Half the CPUs (at most one each) for training workers; the rest feed them.
+    worker_cpus = max(0.25, min(1.0, cpus / (2 * workers)))
+    left_for_data = max(0.5, cpus - worker_cpus * workers)
+    data_cpus = max(0.25, min(1.0, left_for_data / 2))
+    return ResourcePlan(
+        workers=workers,
+        worker_cpus=round(worker_cpus, 3),
+        worker_gpus=1.0 if use_gpu else 0.0,
+        data_cpus=round(data_cpus, 3),
+        torch_threads=max(1, math.floor(worker_cpus)),
+        scoring_actors=max(1, math.floor(cpus / 2)),
+    )
+
+
+def connect_ray(address: str | None = None):
+    """Join the cluster at ``address`` / ``$RAY_ADDRESS`` (as under ``ray job submit``),
+    or start a local one when neither is set."""
+    import ray
+
+    if not ray.is_initialized():
+        address = address or os.environ.get("RAY_ADDRESS") or None
+        local = {} if address else {"include_dashboard": False}
+        ray.init(address=address, logging_level="WARNING", **local)
+    quiet_data_progress()
+    return ray
+
+
+def quiet_data_progress() -> None:
+    """Ray Data's progress bars flood job logs; the stages print their own summaries."""
+    from ray.data import DataContext
+
+    context = DataContext.get_current()
+    context.enable_progress_bars = False
+    context.print_on_execution_start = False

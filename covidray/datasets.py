@@ -1,0 +1,201 @@
+"""Labelled X-ray collections: the index of images, patient-level splits, and batch loading.
+
+A collection is either a manifest (CSV or Parquet; one row per image) or a prefix laid
+out as ``<prefix>/<label>/<file>``. Either way it becomes an *index*: a DataFrame with
+the columns in :data:`INDEX_COLUMNS`. :func:`load_pixels` turns a batch of index rows
+into model input pixels (optionally augmented) and is the function every Ray Data
+pipeline maps over batches -- training, feature extraction and scoring alike.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pandas as pd
+
+from covidray.images import IMAGE_SUFFIXES, INPUT_SIZE, DecodeError, decode_xray, to_input_pixels
+from covidray.storage import Location, Storage, StorageError, read_table
+
+LABELS = ("non_covid", "covid")  # class index 0 and 1; "covid" is the positive class
+POSITIVE_LABEL = "covid"
+SPLITS = ("train", "val", "test")
+INDEX_COLUMNS = ("uri", "label", "patient_id", "group", "split", "source", "copy")
+_URI_COLUMNS = ("uri", "image", "path", "file")
+_LABEL_ALIASES = {"covid": "covid", "covid-19": "covid", "covid19": "covid", "positive": "covid",
+                  "non_covid": "non_covid", "non-covid": "non_covid", "noncovid": "non_covid",
+                  "negative": "non_covid", "normal": "non_covid"}
+
+
+def is_manifest(uri: str) -> bool:
+    return uri.lower().endswith((".csv", ".parquet"))
+
+
+def load_index(storage: Storage, uri: str, require_labels: bool = True) -> pd.DataFrame:
+    """Read a manifest or list a ``<prefix>/<label>/<file>`` tree into an index DataFrame."""
+    frame = _index_from_manifest(storage, uri) if is_manifest(uri) else _index_from_prefix(storage, uri)
+    if frame.empty:
+        raise StorageError(f"no images found at '{uri}' (looked for {', '.join(IMAGE_SUFFIXES)})")
+    if require_labels and frame["label"].isna().any():
+        missing = frame.loc[frame["label"].isna(), "uri"].head(3).tolist()
+        raise ValueError(f"{int(frame['label'].isna().sum())} images at '{uri}' have no label "
+                         f"(e.g. {missing}); labels must be one of {LABELS}")
+    return frame
+
+
+def label_from_path(root: Location, uri: str) -> str | None:
+    """The label of ``<root>/<label>/<file>`` (None when the first folder is not a label)."""
+    relative = Location.parse(uri).key[len(root.key):].strip("/")
+    first = relative.split("/", 1)[0] if "/" in relative else ""
+    return first if first in LABELS else None
+
+
+def iter_prefix_rows(storage: Storage, uri: str):
+    """``{"uri", "label"}`` for every image file under ``uri``, streamed."""
+    root = Location.parse(uri)
+    for file_uri in storage.list_files(uri, IMAGE_SUFFIXES):
+        yield {"uri": file_uri, "label": label_from_path(root, file_uri)}
+
+
+def _index_from_prefix(storage: Storage, uri: str) -> pd.DataFrame:
+    return normalise_index(pd.DataFrame(list(iter_prefix_rows(storage, uri)), columns=["uri", "label"]))
+
+
+def _index_from_manifest(storage: Storage, uri: str) -> pd.DataFrame:
+    return manifest_to_index(read_table(storage, uri), uri)
+
+
+def manifest_to_index(table: pd.DataFrame, manifest_uri: str) -> pd.DataFrame:
+    """Manifest rows -> index rows; relative image paths resolve against the manifest's folder."""
+    uri_column = next((c for c in _URI_COLUMNS if c in table.columns), None)
+    if uri_column is None:
+        raise ValueError(f"manifest '{manifest_uri}' needs one of the columns {_URI_COLUMNS}")
+    base = Location.parse(manifest_uri)
+    base = Location(base.scheme, base.bucket, base.key.rsplit("/", 1)[0] if "/" in base.key else "")
+    table = table.copy()
+    table["uri"] = [u if ("://" in u or u.startswith("/")) else base.join(u).uri
+                    for u in table[uri_column].astype(str)]
+    if "label" in table.columns:
+        raw = table["label"].astype("string").str.strip().str.lower()
+        table["label"] = raw.map(_LABEL_ALIASES)
+        bad = raw[table["label"].isna() & raw.notna() & (raw != "")]
+        if len(bad):
+            raise ValueError(f"manifest '{manifest_uri}' has labels outside {LABELS}: "
+                             f"{sorted(bad.unique())[:5]}")
+    if "split" in table.columns and not set(table["split"].dropna().unique()) <= set(SPLITS):
+        table = table.drop(columns="split")  # e.g. a 'dev' tag, not a train/val/test split
+    return normalise_index(table)
+
+
+def normalise_index(table: pd.DataFrame) -> pd.DataFrame:
+    out = pd.DataFrame({"uri": table["uri"].astype(str)})
+    out["label"] = table["label"].astype(object).where(table["label"].notna(), None) \
+        if "label" in table.columns else None
+    out["patient_id"] = table["patient_id"].astype(str) if "patient_id" in table.columns else None
+    # Patients merged through near-duplicate images ('split_group') are the unit of splitting.
+    if "split_group" in table.columns:
+        out["group"] = table["split_group"].astype(str)
+    else:
+        out["group"] = out["patient_id"] if "patient_id" in table.columns else out["uri"]
+    out["split"] = table["split"].astype(object) if "split" in table.columns else None
+    out["source"] = table["source"].astype(str) if "source" in table.columns else "unknown"
+    out["copy"] = 0
+    extra = [c for c in table.columns if c not in out.columns and c not in _URI_COLUMNS
+             and c != "split_group"]
+    return pd.concat([out, table[extra].reset_index(drop=True)], axis=1) if extra else out
+
+
+def _unit_hash(seed: int, key: str) -> float:
+    digest = hashlib.sha256(f"{seed}:{key}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") / 2**64
+
+
+def assign_splits(index: pd.DataFrame, val_fraction: float, test_fraction: float,
+                  seed: int) -> pd.DataFrame:
+    """Give rows without a split a deterministic, patient-disjoint train/val/test split.
+
+    Groups (patients) are stratified by their majority label and ordered by a seeded
+    hash; the first ``test_fraction`` of each class go to test, the next ``val_fraction``
+    to val. Rows that already carry a split keep it.
+    """
+    index = index.copy()
+    todo = index["split"].isna()
+    if not todo.any():
+        return index
+    groups = index[todo].groupby("group")["label"].agg(
+        lambda s: s.mode().iloc[0] if s.notna().any() else "")
+    assignment: dict[str, str] = {}
+    for _, members in groups.groupby(groups):
+        ordered = sorted(members.index, key=lambda g: _unit_hash(seed, g))
+        n_test = int(round(test_fraction * len(ordered)))
+        n_val = int(round(val_fraction * len(ordered)))
+        for position, group in enumerate(ordered):
+            assignment[group] = ("test" if position < n_test
+                                 else "val" if position < n_test + n_val else "train")
+    index.loc[todo, "split"] = index.loc[todo, "group"].map(assignment)
+    return index
+
+
+def grow_class(index: pd.DataFrame, label: str, target: int) -> pd.DataFrame:
+    """Add augmented copies (``copy`` >= 1) of ``label`` rows until the class has ``target`` rows.
+
+    Copies are spread evenly over the originals and stay with them (same group/split).
+    """
+    originals = index[(index["label"] == label) & (index["copy"] == 0)]
+    missing = target - len(originals)
+    if missing <= 0 or originals.empty:
+        return index
+    rounds = math.ceil(missing / len(originals))
+    copies = []
+    for copy in range(1, rounds + 1):
+        take = originals.head(min(len(originals), missing - (copy - 1) * len(originals)))
+        copies.append(take.assign(copy=copy))
+    return pd.concat([index, *copies], ignore_index=True)
+
+
+def label_index(labels) -> np.ndarray:
+    """Labels -> class indices (covid=1, non_covid=0, unknown=-1)."""
+    lookup = {name: i for i, name in enumerate(LABELS)}
+    return np.asarray([lookup.get(label, -1) if isinstance(label, str) else -1 for label in labels],
+                      dtype=np.int64)
+
+
+def load_pixels(batch: dict, storage: Storage, augmenter=None, io_threads: int = 8) -> dict:
+    """Fetch, decode and preprocess a batch of index rows.
+
+    Adds ``pixels`` (``uint8[N, 224, 224]``), ``target`` (class index) and ``error``
+    (``""`` when the row loaded, else the reason). A row that fails keeps all-zero
+    pixels so the batch stays rectangular; consumers act on ``error``.
+    Rows with ``copy`` >= 1 are augmented by ``augmenter``.
+    """
+    uris = [str(u) for u in batch["uri"]]
+    copies = batch.get("copy", np.zeros(len(uris), dtype=np.int64))
+
+    def one(i: int):
+        try:
+            data = storage.read_bytes(uris[i])
+        except Exception as exc:  # missing object, permissions, network
+            return None, f"read failed: {type(exc).__name__}: {exc}"
+        try:
+            image = decode_xray(data)
+            if augmenter is not None and int(copies[i]) > 0:
+                image = augmenter(image, uris[i], int(copies[i]))
+            return to_input_pixels(image), ""
+        except DecodeError as exc:
+            return None, str(exc)
+        except Exception as exc:
+            return None, f"preprocessing failed: {type(exc).__name__}: {exc}"
+
+    with ThreadPoolExecutor(max_workers=max(1, min(io_threads, len(uris)))) as pool:
+        results = list(pool.map(one, range(len(uris))))
+    pixels = np.zeros((len(uris), INPUT_SIZE, INPUT_SIZE), dtype=np.uint8)
+    for i, (array, _) in enumerate(results):
+        if array is not None:
+            pixels[i] = array
+    out = dict(batch)
+    out["pixels"] = pixels
+    out["target"] = label_index(batch["label"]) if "label" in batch else np.full(len(uris), -1)
+    out["error"] = np.asarray([error for _, error in results], dtype=object)
+    return out

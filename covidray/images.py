@@ -1,0 +1,115 @@
+"""The one preprocessing recipe: X-ray file bytes -> the model's input.
+
+Training, export (parity inputs and the recipe stored in the ONNX metadata) and
+scoring all call these functions and nothing else, so an image is preprocessed
+identically everywhere (``tests/test_preprocessing_parity.py`` proves it).
+
+The recipe has two halves so that the expensive part can stream as compact uint8:
+  1. :func:`to_input_pixels`: decode to 8-bit grayscale, resize the shorter side to
+     224 (bilinear), centre-crop 224x224  -> ``uint8[224, 224]``;
+  2. :func:`normalize`: scale to [0, 1], repeat to 3 channels, ImageNet mean/std
+     -> ``float32[N, 3, 224, 224]``.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from PIL import Image, ImageFile, UnidentifiedImageError
+
+INPUT_SIZE = 224
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+
+# Stored in every exported model; scoring refuses a model whose recipe differs.
+RECIPE = {
+    "name": "covidray-grayscale-v1",
+    "decode": "8-bit grayscale (16-bit: min-max window; alpha: over black)",
+    "resize": f"shorter side to {INPUT_SIZE}, bilinear",
+    "crop": f"center {INPUT_SIZE}x{INPUT_SIZE}",
+    "channels": 3,
+    "scale": "1/255",
+    "mean": list(IMAGENET_MEAN),
+    "std": list(IMAGENET_STD),
+    "layout": "NCHW float32",
+}
+
+# A truncated file must fail loudly, never be silently padded with grey.
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+
+class DecodeError(ValueError):
+    """The bytes are not a usable image; the message is the reason recorded for it."""
+
+
+def decode_xray(data: bytes) -> Image.Image:
+    """Decode PNG/JPEG/TIFF/BMP bytes (8/16-bit gray, RGB, RGBA, palette) to an 8-bit ``L`` image."""
+    if not data:
+        raise DecodeError("empty file (0 bytes)")
+    try:
+        image = Image.open(io.BytesIO(data))
+        image.load()
+    except UnidentifiedImageError:
+        raise DecodeError("not an image: format not recognised") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise DecodeError(f"corrupt or truncated image: {exc}") from None
+    except Image.DecompressionBombError as exc:
+        raise DecodeError(f"image too large: {exc}") from None
+    return _to_8bit_gray(image)
+
+
+def _to_8bit_gray(image: Image.Image) -> Image.Image:
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        values = np.asarray(image, dtype=np.float64)
+        lo, hi = float(values.min()), float(values.max())
+        scaled = (values - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(values)
+        return Image.fromarray(np.round(scaled).astype(np.uint8))
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA"):
+        background = Image.new("RGBA", image.size, (0, 0, 0, 255))
+        image = Image.alpha_composite(background, image.convert("RGBA"))
+    return image if image.mode == "L" else image.convert("L")
+
+
+def resize_shorter_side(image: Image.Image, size: int) -> Image.Image:
+    width, height = image.size
+    scale = size / min(width, height)
+    new_size = (max(size, round(width * scale)), max(size, round(height * scale)))
+    if new_size == image.size:
+        return image
+    return image.resize(new_size, Image.Resampling.BILINEAR)
+
+
+def center_crop(image: Image.Image, size: int) -> Image.Image:
+    width, height = image.size
+    left, top = (width - size) // 2, (height - size) // 2
+    return image.crop((left, top, left + size, top + size))
+
+
+def to_input_pixels(image: Image.Image) -> np.ndarray:
+    """An 8-bit grayscale image -> ``uint8[224, 224]`` (resize shorter side, centre crop)."""
+    if image.mode != "L":
+        image = _to_8bit_gray(image)
+    image = center_crop(resize_shorter_side(image, INPUT_SIZE), INPUT_SIZE)
+    return np.asarray(image, dtype=np.uint8)
+
+
+_MEAN = np.asarray(IMAGENET_MEAN, dtype=np.float32).reshape(1, 3, 1, 1)
+_STD = np.asarray(IMAGENET_STD, dtype=np.float32).reshape(1, 3, 1, 1)
+
+
+def normalize(pixels: np.ndarray) -> np.ndarray:
+    """``uint8[N, 224, 224]`` (or one ``[224, 224]``) -> ``float32[N, 3, 224, 224]``."""
+    pixels = np.asarray(pixels)
+    if pixels.ndim == 2:
+        pixels = pixels[None]
+    scaled = pixels.astype(np.float32)[:, None, :, :] / np.float32(255.0)
+    return np.ascontiguousarray((np.repeat(scaled, 3, axis=1) - _MEAN) / _STD, dtype=np.float32)
+
+
+def preprocess(data: bytes) -> np.ndarray:
+    """File bytes -> ``float32[1, 3, 224, 224]``: the whole recipe for one image."""
+    return normalize(to_input_pixels(decode_xray(data)))

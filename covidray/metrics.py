@@ -1,0 +1,239 @@
+"""Threshold-sweep metrics, confusion matrices and ROC AUC for a binary COVID score.
+
+One rule decides "positive" everywhere: :func:`is_positive` (``score >= threshold``).
+Everything here is order-free and summable over batches, except :class:`SortedAUC`,
+which consumes scores in ascending order, so an archive of any size is evaluated in
+one streaming pass with bounded memory (Ray sorts; the driver folds batches).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+PAPER_THRESHOLDS = (0.10, 0.15, 0.20, 0.25)
+DEFAULT_THRESHOLD = 0.5
+HISTOGRAM_BINS = 50
+
+
+def is_positive(scores, threshold: float) -> np.ndarray:
+    """The decision rule: an image is called COVID when its score is >= the threshold."""
+    return np.asarray(scores) >= threshold
+
+
+def sweep_thresholds() -> np.ndarray:
+    """0.00..1.00 in steps of 0.01, plus the paper's thresholds (which lie on that grid)."""
+    grid = {round(i / 100, 2) for i in range(101)} | set(PAPER_THRESHOLDS)
+    return np.asarray(sorted(grid), dtype=np.float64)
+
+
+def _ratio(numerator: int, denominator: int) -> float:
+    return numerator / denominator if denominator else math.nan
+
+
+@dataclass(frozen=True)
+class ConfusionCounts:
+    """Counts at one threshold; the matrix is laid out like scikit-learn's (rows = truth)."""
+
+    threshold: float
+    tp: int
+    fp: int
+    tn: int
+    fn: int
+
+    @property
+    def sensitivity(self) -> float:
+        return _ratio(self.tp, self.tp + self.fn)
+
+    @property
+    def specificity(self) -> float:
+        return _ratio(self.tn, self.tn + self.fp)
+
+    @property
+    def precision(self) -> float:
+        return _ratio(self.tp, self.tp + self.fp)
+
+    @property
+    def npv(self) -> float:
+        return _ratio(self.tn, self.tn + self.fn)
+
+    @property
+    def f1(self) -> float:
+        return _ratio(2 * self.tp, 2 * self.tp + self.fp + self.fn)
+
+    @property
+    def matrix(self) -> list[list[int]]:
+        """``[[TN, FP], [FN, TP]]``: rows true non_covid/covid, columns predicted."""
+        return [[self.tn, self.fp], [self.fn, self.tp]]
+
+    def to_dict(self) -> dict:
+        return {"threshold": self.threshold, "tp": self.tp, "fp": self.fp, "tn": self.tn,
+                "fn": self.fn, "sensitivity": self.sensitivity, "specificity": self.specificity,
+                "precision": self.precision, "npv": self.npv, "f1": self.f1}
+
+
+@dataclass
+class ScoreSummary:
+    """Counts of positives/negatives at or above each threshold, plus a score histogram.
+
+    Add batches in any order with :meth:`add`; combine partial summaries with ``+``.
+    """
+
+    thresholds: np.ndarray = field(default_factory=sweep_thresholds)
+    positives_at_or_above: np.ndarray | None = None
+    negatives_at_or_above: np.ndarray | None = None
+    histogram_covid: np.ndarray | None = None
+    histogram_non_covid: np.ndarray | None = None
+    n_positive: int = 0
+    n_negative: int = 0
+
+    def __post_init__(self):
+        zeros = lambda n: np.zeros(n, dtype=np.int64)  # noqa: E731
+        if self.positives_at_or_above is None:
+            self.positives_at_or_above = zeros(len(self.thresholds))
+            self.negatives_at_or_above = zeros(len(self.thresholds))
+            self.histogram_covid = zeros(HISTOGRAM_BINS)
+            self.histogram_non_covid = zeros(HISTOGRAM_BINS)
+
+    def add(self, scores, targets) -> "ScoreSummary":
+        """``targets``: 1 = covid, 0 = non_covid (other values are ignored)."""
+        scores = np.asarray(scores, dtype=np.float64)
+        targets = np.asarray(targets)
+        edges = np.linspace(0.0, 1.0, HISTOGRAM_BINS + 1)
+        for target, at_or_above, histogram in (
+                (1, self.positives_at_or_above, self.histogram_covid),
+                (0, self.negatives_at_or_above, self.histogram_non_covid)):
+            selected = scores[targets == target]
+            # For each threshold t: how many scores are positive under is_positive(., t).
+            at_or_above += np.asarray([is_positive(selected, t).sum() for t in self.thresholds])
+            histogram += np.histogram(np.clip(selected, 0.0, 1.0), bins=edges)[0]
+        self.n_positive += int((targets == 1).sum())
+        self.n_negative += int((targets == 0).sum())
+        return self
+
+    def __add__(self, other: "ScoreSummary") -> "ScoreSummary":
+        assert np.array_equal(self.thresholds, other.thresholds)
+        return ScoreSummary(self.thresholds,
+                            self.positives_at_or_above + other.positives_at_or_above,
+                            self.negatives_at_or_above + other.negatives_at_or_above,
+                            self.histogram_covid + other.histogram_covid,
+                            self.histogram_non_covid + other.histogram_non_covid,
+                            self.n_positive + other.n_positive, self.n_negative + other.n_negative)
+
+    def counts_at(self, threshold: float) -> ConfusionCounts:
+        """Counts at any threshold on the sweep grid."""
+        matches = np.flatnonzero(np.isclose(self.thresholds, threshold, rtol=0, atol=1e-12))
+        if not len(matches):
+            raise KeyError(f"threshold {threshold} is not in this summary's thresholds")
+        i = matches[0]
+        tp, fp = int(self.positives_at_or_above[i]), int(self.negatives_at_or_above[i])
+        return ConfusionCounts(float(self.thresholds[i]), tp, fp, self.n_negative - fp,
+                               self.n_positive - tp)
+
+    def sweep(self) -> list[ConfusionCounts]:
+        return [self.counts_at(t) for t in self.thresholds]
+
+
+def summarise(scores, targets, thresholds=None) -> ScoreSummary:
+    """A :class:`ScoreSummary` of in-memory scores (the thresholds default to the sweep)."""
+    thresholds = sweep_thresholds() if thresholds is None else np.asarray(sorted(thresholds), float)
+    return ScoreSummary(thresholds).add(scores, targets)
+
+
+class SortedAUC:
+    """Exact ROC AUC (Mann-Whitney, ties count one half) over batches in ascending score order."""
+
+    def __init__(self):
+        self._negatives_below = 0  # negatives with a strictly lower score than the current tie
+        self._tie_score = -math.inf
+        self._tie_pos = 0
+        self._tie_neg = 0
+        self._pairs = 0.0  # correctly ordered (positive, negative) pairs, ties as 0.5
+        self.n_positive = 0
+        self.n_negative = 0
+
+    def add(self, scores, targets) -> "SortedAUC":
+        scores = np.asarray(scores, dtype=np.float64)
+        targets = np.asarray(targets)
+        keep = (targets == 0) | (targets == 1)
+        scores, targets = scores[keep], targets[keep]
+        if len(scores) and (scores[0] < self._tie_score or np.any(np.diff(scores) < 0)):
+            raise ValueError("SortedAUC needs scores in ascending order across all batches")
+        values, starts = np.unique(scores, return_index=True)
+        bounds = np.append(starts, len(scores))
+        for value, lo, hi in zip(values, bounds[:-1], bounds[1:]):
+            pos = int((targets[lo:hi] == 1).sum())
+            neg = (hi - lo) - pos
+            if value != self._tie_score:
+                self._close_tie()
+                self._tie_score = value
+            self._tie_pos += pos
+            self._tie_neg += neg
+        return self
+
+    def _close_tie(self):
+        self._pairs += self._tie_pos * (self._negatives_below + 0.5 * self._tie_neg)
+        self._negatives_below += self._tie_neg
+        self.n_positive += self._tie_pos
+        self.n_negative += self._tie_neg
+        self._tie_pos = self._tie_neg = 0
+
+    def value(self) -> float:
+        self._close_tie()
+        if not self.n_positive or not self.n_negative:
+            return math.nan
+        return float(self._pairs / (self.n_positive * self.n_negative))
+
+
+def roc_auc(scores, targets) -> float:
+    """Exact ROC AUC of in-memory scores."""
+    scores = np.asarray(scores, dtype=np.float64)
+    order = np.argsort(scores, kind="stable")
+    return SortedAUC().add(scores[order], np.asarray(targets)[order]).value()
+
+
+def metrics_report(summary: ScoreSummary, auc: float, operating_threshold: float) -> dict:
+    """Everything the scoring job publishes about a labelled archive, JSON-ready."""
+    paper = {f"{t:.2f}": summary.counts_at(t) for t in PAPER_THRESHOLDS}
+    operating = summary.counts_at(operating_threshold)
+    edges = np.linspace(0.0, 1.0, HISTOGRAM_BINS + 1)
+    return {
+        "positive_rule": "score >= threshold",
+        "images": summary.n_positive + summary.n_negative,
+        "covid": summary.n_positive,
+        "non_covid": summary.n_negative,
+        "roc_auc": _json_float(auc),
+        "operating_threshold": operating_threshold,
+        "paper_thresholds": {k: _clean(v.to_dict()) for k, v in paper.items()},
+        "confusion_matrices": {
+            **{k: {"threshold": v.threshold, "matrix": v.matrix} for k, v in paper.items()},
+            "operating": {"threshold": operating.threshold, "matrix": operating.matrix},
+        },
+        "confusion_matrix_layout": "[[TN, FP], [FN, TP]]: rows true non_covid/covid, "
+                                   "columns predicted non_covid/covid",
+        "sweep": [dict(_clean(c.to_dict()), paper=bool(np.isclose(c.threshold, PAPER_THRESHOLDS).any()))
+                  for c in summary.sweep()],
+        "histogram": {"edges": edges.round(4).tolist(),
+                      "covid": summary.histogram_covid.tolist(),
+                      "non_covid": summary.histogram_non_covid.tolist()},
+    }
+
+
+def sweep_csv(report: dict) -> str:
+    columns = ["threshold", "tp", "fp", "tn", "fn", "sensitivity", "specificity", "precision",
+               "npv", "f1", "paper"]
+    lines = [",".join(columns)]
+    for row in report["sweep"]:
+        lines.append(",".join("" if row[c] is None else f"{row[c]:.2f}" if c == "threshold"
+                              else str(row[c]) for c in columns))
+    return "\n".join(lines) + "\n"
+
+
+def _json_float(value: float):
+    return None if value is None or (isinstance(value, float) and math.isnan(value)) else value
+
+
+def _clean(row: dict) -> dict:
+    return {k: _json_float(v) for k, v in row.items()}

@@ -1,0 +1,372 @@
+"""Where data lives: ``s3://bucket/prefix`` or a local path, and how to reach it.
+
+One :class:`Storage` turns a location plus :class:`StorageSettings` into what each
+consumer needs: a boto3 client for object I/O (:meth:`Storage.client`) and a pyarrow
+filesystem for Ray Data and Ray Train (:meth:`Storage.filesystem`). Credentials are
+resolved once, in the process that builds the ``Storage`` (standard AWS variables, a
+named profile, or the instance's role), and travel with it when Ray pickles it to
+workers, so a worker never needs its own AWS configuration.
+
+Every write of a single object is atomic to readers: S3 publishes an object only
+when its PUT completes, and local files are written beside their target and then
+renamed over it.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from typing import Iterator
+from urllib.parse import urlparse
+
+DEFAULT_REGION = "us-east-1"
+
+
+class StorageError(RuntimeError):
+    """A location cannot be used; the message names the setting to fix."""
+
+
+@dataclass(frozen=True)
+class StorageSettings:
+    """How to reach S3-compatible storage. Empty fields fall back to the AWS defaults."""
+
+    endpoint_url: str | None = None  # e.g. http://127.0.0.1:8333; None means AWS itself
+    region: str | None = None
+    profile: str | None = None  # a named profile from ~/.aws/config
+
+    @classmethod
+    def from_env(cls, endpoint_url: str | None = None, region: str | None = None,
+                 profile: str | None = None) -> "StorageSettings":
+        """Explicit values win; otherwise the standard AWS environment variables."""
+        return cls(
+            endpoint_url=endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3")
+            or os.environ.get("AWS_ENDPOINT_URL") or None,
+            region=region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+            or None,
+            profile=profile or os.environ.get("AWS_PROFILE") or None,
+        )
+
+
+@dataclass(frozen=True)
+class Location:
+    """A parsed storage address. ``key`` is the object key (S3) or absolute path (local)."""
+
+    scheme: str  # "s3" or "file"
+    bucket: str
+    key: str
+
+    @classmethod
+    def parse(cls, uri: str) -> "Location":
+        if uri.startswith("s3://"):
+            parsed = urlparse(uri)
+            if not parsed.netloc:
+                raise StorageError(f"'{uri}' has no bucket: write s3://BUCKET/PREFIX")
+            return cls("s3", parsed.netloc, parsed.path.lstrip("/").rstrip("/"))
+        if "://" in uri and not uri.startswith("file://"):
+            raise StorageError(f"'{uri}': only s3:// URIs and local paths are supported")
+        path = uri[len("file://"):] if uri.startswith("file://") else uri
+        return cls("file", "", os.path.abspath(os.path.expanduser(path)))
+
+    @property
+    def is_s3(self) -> bool:
+        return self.scheme == "s3"
+
+    @property
+    def uri(self) -> str:
+        return f"s3://{self.bucket}/{self.key}".rstrip("/") if self.is_s3 else self.key
+
+    @property
+    def fs_path(self) -> str:
+        """The path a pyarrow filesystem (and so Ray Data / Ray Train) expects."""
+        return f"{self.bucket}/{self.key}".rstrip("/") if self.is_s3 else self.key
+
+    @property
+    def name(self) -> str:
+        return self.key.rstrip("/").rsplit("/", 1)[-1]
+
+    def join(self, *parts: str) -> "Location":
+        key = "/".join([self.key.rstrip("/"), *(p.strip("/") for p in parts)])
+        return Location(self.scheme, self.bucket, key.lstrip("/") if self.is_s3 else key)
+
+    def __str__(self) -> str:
+        return self.uri
+
+
+def join_uri(uri: str, *parts: str) -> str:
+    return Location.parse(uri).join(*parts).uri
+
+
+@dataclass(frozen=True)
+class _Credentials:
+    access_key: str
+    secret_key: str
+    session_token: str | None
+
+
+@dataclass
+class Storage:
+    """Object I/O for local paths and S3-compatible storage. Safe to pickle to Ray workers."""
+
+    settings: StorageSettings = field(default_factory=StorageSettings.from_env)
+    _credentials: _Credentials | None = None
+    _client: object = field(default=None, repr=False)
+
+    # --- construction -------------------------------------------------------------------
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_client"] = None  # boto3 clients do not pickle; each process makes its own
+        state["_credentials"] = self._credentials or self._resolve_credentials(required=False)
+        return state
+
+    @property
+    def region(self) -> str:
+        return self.settings.region or DEFAULT_REGION
+
+    def _resolve_credentials(self, required: bool = True) -> _Credentials | None:
+        if self._credentials is not None:
+            return self._credentials
+        import boto3
+        import botocore.exceptions
+
+        try:
+            session = boto3.Session(profile_name=self.settings.profile)
+        except botocore.exceptions.ProfileNotFound as exc:
+            raise StorageError(f"AWS profile '{self.settings.profile}' not found: fix "
+                               "--aws-profile / AWS_PROFILE or add it to ~/.aws/config") from exc
+        creds = session.get_credentials()
+        if creds is None:
+            if not required:
+                return None
+            raise StorageError("no S3 credentials found: set AWS_ACCESS_KEY_ID and "
+                               "AWS_SECRET_ACCESS_KEY, or AWS_PROFILE (--aws-profile)")
+        frozen = creds.get_frozen_credentials()
+        self._credentials = _Credentials(frozen.access_key, frozen.secret_key, frozen.token)
+        return self._credentials
+
+    def client(self):
+        """A boto3 S3 client that fails fast (short timeouts, few retries)."""
+        if self._client is None:
+            import boto3
+            from botocore.config import Config
+
+            creds = self._resolve_credentials()
+            self._client = boto3.client(
+                "s3",
+                endpoint_url=self.settings.endpoint_url,
+                region_name=self.region,
+                aws_access_key_id=creds.access_key,
+                aws_secret_access_key=creds.secret_key,
+                aws_session_token=creds.session_token,
+                config=Config(connect_timeout=5, read_timeout=60,
+                              retries={"total_max_attempts": 3, "mode": "standard"},
+                              s3={"addressing_style": "path"}),
+            )
+        return self._client
+
+    def filesystem(self, location: Location | str):
+        """The pyarrow filesystem for ``location``; pair it with ``Location.fs_path``."""
+        import pyarrow.fs as pafs
+
+        location = _as_location(location)
+        if not location.is_s3:
+            return pafs.LocalFileSystem()
+        creds = self._resolve_credentials()
+        kwargs = dict(access_key=creds.access_key, secret_key=creds.secret_key,
+                      session_token=creds.session_token, region=self.region)
+        if self.settings.endpoint_url:
+            endpoint = urlparse(self.settings.endpoint_url)
+            kwargs.update(endpoint_override=endpoint.netloc or endpoint.path,
+                          scheme=endpoint.scheme or "https")
+        return pafs.S3FileSystem(**kwargs)
+
+    # --- checks -------------------------------------------------------------------------
+    def check(self, uri: str, writable: bool = False) -> None:
+        """Fail now, with a message naming the setting to fix, if ``uri`` cannot be used."""
+        location = _as_location(uri)
+        if not location.is_s3:
+            target = location.key if os.path.exists(location.key) else os.path.dirname(location.key)
+            if not writable and not os.path.exists(location.key):
+                raise StorageError(f"local path '{location.key}' does not exist")
+            if writable and not os.access(_nearest_existing(target), os.W_OK):
+                raise StorageError(f"local path '{location.key}' is not writable")
+            return
+        client = self.client()
+        try:
+            client.head_bucket(Bucket=location.bucket)
+            if writable:
+                probe = location.join(f".covidray-write-check-{os.getpid()}")
+                client.put_object(Bucket=probe.bucket, Key=probe.key, Body=b"")
+                client.delete_object(Bucket=probe.bucket, Key=probe.key)
+        except Exception as exc:  # translate every failure into the setting to fix
+            raise self._explain(exc, location) from exc
+
+    def _explain(self, exc: Exception, location: Location) -> StorageError:
+        import botocore.exceptions as bx
+
+        endpoint = self.settings.endpoint_url or "AWS S3 (no endpoint set)"
+        if isinstance(exc, (bx.EndpointConnectionError, bx.ConnectTimeoutError,
+                            bx.ReadTimeoutError, bx.ConnectionClosedError)):
+            return StorageError(f"cannot reach the S3 endpoint {endpoint}: check --s3-endpoint "
+                                "/ AWS_ENDPOINT_URL and that the server is running")
+        if isinstance(exc, bx.NoCredentialsError):
+            return StorageError("no S3 credentials found: set AWS_ACCESS_KEY_ID and "
+                                "AWS_SECRET_ACCESS_KEY, or AWS_PROFILE (--aws-profile)")
+        if isinstance(exc, bx.ClientError):
+            code = str(exc.response.get("Error", {}).get("Code", ""))
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if code in ("404", "NoSuchBucket") or status == 404:
+                return StorageError(f"bucket '{location.bucket}' does not exist at {endpoint}: "
+                                    "create it or fix the URI")
+            if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "403", "AccessDenied",
+                        "InvalidToken", "ExpiredToken") or status == 403:
+                return StorageError(f"{endpoint} rejected the credentials for "
+                                    f"'{location.uri}' ({code or status}): check "
+                                    "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or --aws-profile, "
+                                    "and that this key may read and write the bucket")
+            return StorageError(f"S3 error on '{location.uri}' at {endpoint}: {code} {exc}")
+        if isinstance(exc, StorageError):
+            return exc
+        return StorageError(f"cannot use '{location.uri}' at {endpoint}: {exc}")
+
+    # --- object I/O ---------------------------------------------------------------------
+    def read_bytes(self, uri: str) -> bytes:
+        location = _as_location(uri)
+        if not location.is_s3:
+            with open(location.key, "rb") as fh:
+                return fh.read()
+        response = self.client().get_object(Bucket=location.bucket, Key=location.key)
+        return response["Body"].read()
+
+    def write_bytes(self, uri: str, data: bytes, content_type: str | None = None) -> str:
+        """Write one object atomically (readers see the old object or the whole new one)."""
+        location = _as_location(uri)
+        if location.is_s3:
+            extra = {"ContentType": content_type} if content_type else {}
+            self.client().put_object(Bucket=location.bucket, Key=location.key, Body=data, **extra)
+        else:
+            os.makedirs(os.path.dirname(location.key), exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=os.path.dirname(location.key), prefix=".tmp-")
+            try:
+                with os.fdopen(fd, "wb") as fh:
+                    fh.write(data)
+                os.replace(tmp, location.key)
+            except BaseException:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+                raise
+        return location.uri
+
+    def write_json(self, uri: str, obj) -> str:
+        return self.write_bytes(uri, json.dumps(obj, indent=2, default=str).encode(),
+                                "application/json")
+
+    def read_json(self, uri: str):
+        return json.loads(self.read_bytes(uri))
+
+    def upload_file(self, path: str, uri: str) -> str:
+        with open(path, "rb") as fh:
+            return self.write_bytes(uri, fh.read())
+
+    def exists(self, uri: str) -> bool:
+        location = _as_location(uri)
+        if not location.is_s3:
+            return os.path.exists(location.key)
+        import botocore.exceptions as bx
+
+        try:
+            self.client().head_object(Bucket=location.bucket, Key=location.key)
+            return True
+        except bx.ClientError as exc:
+            if exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 404:
+                return False
+            raise
+
+    def list_files(self, uri: str, suffixes: tuple[str, ...] | None = None) -> Iterator[str]:
+        """Every object (file) under ``uri``, recursively, in key order, streamed page by page."""
+        location = _as_location(uri)
+        wanted = tuple(s.lower() for s in suffixes) if suffixes else None
+        if location.is_s3:
+            prefix = location.key + "/" if location.key else ""
+            pages = self.client().get_paginator("list_objects_v2").paginate(
+                Bucket=location.bucket, Prefix=prefix)
+            for page in pages:
+                for obj in page.get("Contents", []):
+                    if obj["Key"].endswith("/"):
+                        continue  # a directory marker (pyarrow writes them), not a file
+                    if wanted is None or obj["Key"].lower().endswith(wanted):
+                        yield f"s3://{location.bucket}/{obj['Key']}"
+        else:
+            for root, dirs, files in os.walk(location.key):
+                dirs.sort()
+                for name in sorted(files):
+                    if wanted is None or name.lower().endswith(wanted):
+                        yield os.path.join(root, name)
+
+    def delete_prefix(self, uri: str) -> int:
+        """Delete every object under ``uri``; returns how many."""
+        location = _as_location(uri)
+        if not location.is_s3:
+            import shutil
+
+            if not os.path.exists(location.key):
+                return 0
+            count = sum(len(files) for _, _, files in os.walk(location.key))
+            shutil.rmtree(location.key)
+            return count
+        count = 0
+        batch: list[dict] = []
+        for obj_uri in self.list_files(uri):
+            batch.append({"Key": Location.parse(obj_uri).key})
+            if len(batch) == 1000:
+                count += self._delete_batch(location.bucket, batch)
+                batch = []
+        if batch:
+            count += self._delete_batch(location.bucket, batch)
+        return count
+
+    def _delete_batch(self, bucket: str, objects: list[dict]) -> int:
+        self.client().delete_objects(Bucket=bucket, Delete={"Objects": objects, "Quiet": True})
+        return len(objects)
+
+    def ensure_bucket(self, uri: str) -> None:
+        """Create the bucket of ``uri`` if missing (local set-up and demos only)."""
+        location = _as_location(uri)
+        if not location.is_s3:
+            os.makedirs(location.key, exist_ok=True)
+            return
+        import botocore.exceptions as bx
+
+        try:
+            self.client().head_bucket(Bucket=location.bucket)
+        except bx.ClientError as exc:
+            if exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") != 404:
+                raise self._explain(exc, location) from exc
+            self.client().create_bucket(Bucket=location.bucket)
+        except Exception as exc:
+            raise self._explain(exc, location) from exc
+
+
+def _as_location(location: Location | str) -> Location:
+    return location if isinstance(location, Location) else Location.parse(location)
+
+
+def _nearest_existing(path: str) -> str:
+    while path and not os.path.exists(path):
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    return path or "."
+
+
+def read_table(storage: Storage, uri: str):
+    """A small CSV or Parquet table (a manifest) as a pandas DataFrame."""
+    import pandas as pd
+
+    data = io.BytesIO(storage.read_bytes(uri))
+    if uri.lower().endswith(".parquet"):
+        return pd.read_parquet(data)
+    return pd.read_csv(data)

