@@ -49,14 +49,17 @@ def plan_resources(cluster: dict, workers: int = 1, use_gpu: bool = False) -> Re
 
 
 def connect_ray(address: str | None = None):
-    """Join the cluster at ``address`` / ``$RAY_ADDRESS`` (as under ``ray job submit``),
-    or start a local one when neither is set."""
+    """Join the cluster at ``address`` / ``$RAY_ADDRESS`` (as under ``ray job submit``; ``auto``
+    finds a ``ray start`` cluster on this machine), or start a private local instance when
+    neither is set (never a stale cluster some earlier ``ray start`` left behind)."""
     import ray
 
     if not ray.is_initialized():
         address = address or os.environ.get("RAY_ADDRESS") or None
-        local = {} if address else {"include_dashboard": False}
-        ray.init(address=address, logging_level="WARNING", **local)
+        if address:
+            ray.init(address=address, logging_level="WARNING")
+        else:
+            ray.init(address="local", logging_level="WARNING", include_dashboard=False)
     quiet_data_progress()
     return ray
 

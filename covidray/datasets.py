@@ -16,7 +16,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pandas as pd
 
-from covidray.images import IMAGE_SUFFIXES, INPUT_SIZE, DecodeError, decode_xray, to_input_pixels
+from covidray.images import (IMAGE_SUFFIXES, INPUT_SIZE, DecodeError, decode_xray, normalize,
+                             to_input_pixels)
 from covidray.storage import Location, Storage, StorageError, read_table
 
 LABELS = ("non_covid", "covid")  # class index 0 and 1; "covid" is the positive class
@@ -199,3 +200,12 @@ def load_pixels(batch: dict, storage: Storage, augmenter=None, io_threads: int =
     out["target"] = label_index(batch["label"]) if "label" in batch else np.full(len(uris), -1)
     out["error"] = np.asarray([error for _, error in results], dtype=object)
     return out
+
+
+def model_inputs(batch: dict) -> tuple[np.ndarray, np.ndarray]:
+    """A loaded batch -> (``float32[M, 3, 224, 224]`` for the rows that loaded, their mask).
+
+    The single place where streamed pixels become model input, for training and scoring.
+    """
+    ok = np.asarray(batch["error"]) == ""
+    return normalize(np.asarray(batch["pixels"])[ok]), ok

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from covidray.datasets import LABELS, POSITIVE_LABEL
-from covidray.images import INPUT_SIZE, RECIPE, normalize
+from covidray.images import INPUT_SIZE, RECIPE
 from covidray.layout import RunLayout
 from covidray.model import load_checkpoint, model_from_checkpoint
 from covidray.storage import Storage
@@ -100,16 +100,15 @@ def parity_inputs(storage: Storage, layout: RunLayout, count: int = 16) -> np.nd
     """Real images for the parity check: the run's held-out images (test, then val)."""
     import pandas as pd
 
-    from covidray.datasets import load_pixels
+    from covidray.datasets import load_pixels, model_inputs
 
     splits = pd.read_parquet(io.BytesIO(storage.read_bytes(layout.splits)))
     held_out = pd.concat([splits[splits["split"] == "test"], splits[splits["split"] == "val"],
                           splits[splits["split"] == "train"]]).head(count * 2)
-    loaded = load_pixels({"uri": held_out["uri"].to_numpy()}, storage)
-    ok = loaded["error"] == ""
-    if not ok.any():
+    inputs, _ = model_inputs(load_pixels({"uri": held_out["uri"].to_numpy()}, storage))
+    if not len(inputs):
         raise ExportParityError("no readable image in the run's splits to check parity on")
-    return normalize(loaded["pixels"][ok][:count])
+    return inputs[:count]
 
 
 def export_run(run: str, storage: Storage, output: str | None = None) -> dict:

@@ -17,10 +17,10 @@ import uuid
 import numpy as np
 import pandas as pd
 
-from covidray.datasets import (LABELS, normalise_index, is_manifest, iter_prefix_rows,
-                               load_pixels, manifest_to_index)
+from covidray.datasets import (LABELS, is_manifest, iter_prefix_rows, load_pixels,
+                               manifest_to_index, model_inputs, normalise_index)
 from covidray.export import onnx_session, read_metadata
-from covidray.images import IMAGE_SUFFIXES, RECIPE, normalize
+from covidray.images import IMAGE_SUFFIXES, RECIPE
 from covidray.layout import ScoreLayout
 from covidray.metrics import (PAPER_THRESHOLDS, ScoreSummary, SortedAUC, is_positive,
                               metrics_report, sweep_csv, sweep_thresholds)
@@ -44,11 +44,10 @@ class OnnxScorer:
             self.metadata["positive_class"])
 
     def __call__(self, batch: dict) -> dict:
-        ok = np.asarray(batch["error"]) == ""
+        inputs, ok = model_inputs(batch)
         scores = np.full(len(ok), np.nan, dtype=np.float64)
         if ok.any():
-            probabilities = self.session.run(["probabilities"],
-                                             {"input": normalize(batch["pixels"][ok])})[0]
+            probabilities = self.session.run(["probabilities"], {"input": inputs})[0]
             scores[ok] = probabilities[:, self.positive]
         predicted = is_positive(np.nan_to_num(scores, nan=-1.0), self.threshold)
         prediction = np.where(ok, np.where(predicted, LABELS[1], LABELS[0]), None)
@@ -107,6 +106,12 @@ def archive_index(storage: Storage, archive: str, staging: str):
     return ray.data.read_parquet(location.fs_path, filesystem=storage.filesystem(location))
 
 
+def loaded_images(index, storage: Storage, batch_size: int, data_cpus: float):
+    """Index rows -> rows with pixels and error: the scoring pipeline before the model."""
+    return index.map_batches(load_pixels, fn_kwargs={"storage": storage}, batch_format="numpy",
+                             batch_size=batch_size, num_cpus=data_cpus)
+
+
 def score_archive(archive: str, model_uri: str, output: str, storage: Storage,
                   threshold: float | None = None, batch_size: int = 32,
                   actors: int | None = None, ray_address: str | None = None) -> dict:
@@ -116,9 +121,6 @@ def score_archive(archive: str, model_uri: str, output: str, storage: Storage,
     """
     from covidray.cluster import connect_ray, plan_resources
 
-    ray = connect_ray(ray_address)
-    import ray.data
-
     started = time.time()
     layout = ScoreLayout(output)
     storage.check(archive)
@@ -126,9 +128,11 @@ def score_archive(archive: str, model_uri: str, output: str, storage: Storage,
     if not storage.exists(model_uri):
         raise StorageError(f"model '{model_uri}' not found: run `covidray export` first or fix --model")
     # Load once here so a bad model fails before any work is scheduled.
-    scorer = OnnxScorer(model_uri, storage, threshold)
-    threshold = scorer.threshold
-    del scorer
+    threshold = OnnxScorer(model_uri, storage, threshold).threshold
+
+    ray = connect_ray(ray_address)
+    import ray.data
+    from ray.data.expressions import col
 
     plan = plan_resources(ray.cluster_resources())
     pool = actors or plan.scoring_actors
@@ -140,8 +144,7 @@ def score_archive(archive: str, model_uri: str, output: str, storage: Storage,
         return location.fs_path, storage.filesystem(location)
 
     results_path, results_fs = fs(f"{staging}/results")
-    (index.map_batches(load_pixels, fn_kwargs={"storage": storage}, batch_format="numpy",
-                       batch_size=batch_size, num_cpus=plan.data_cpus)
+    (loaded_images(index, storage, batch_size, plan.data_cpus)
           .map_batches(OnnxScorer, fn_constructor_kwargs={"model_uri": model_uri,
                                                           "storage": storage,
                                                           "threshold": threshold},
@@ -150,8 +153,8 @@ def score_archive(archive: str, model_uri: str, output: str, storage: Storage,
           .write_parquet(results_path, filesystem=results_fs))
 
     results = ray.data.read_parquet(results_path, filesystem=results_fs)
-    scored = results.filter(lambda row: row["error"] == "")
-    failed = results.filter(lambda row: row["error"] != "")
+    scored = results.filter(expr=col("error") == "")
+    failed = results.filter(expr=col("error") != "")
     for dataset, target, columns in ((scored, layout.predictions, PREDICTION_COLUMNS),
                                      (failed, layout.errors, ERROR_COLUMNS)):
         storage.delete_prefix(target)  # a re-run replaces, never mixes with, older parts
@@ -166,7 +169,7 @@ def score_archive(archive: str, model_uri: str, output: str, storage: Storage,
     summary = {"archive": archive, "model": model_uri, "output": output,
                "listed": int(listed), "scored": int(n_scored), "failed": int(n_failed),
                "threshold": threshold, "predictions": layout.predictions, "errors": layout.errors}
-    labelled = scored.filter(lambda row: row["target"] >= 0).select_columns(["score", "target"])
+    labelled = scored.filter(expr=col("target") >= 0).select_columns(["score", "target"])
     if labelled.count():
         summary["metrics"] = publish_metrics(storage, layout, labelled.sort("score"), threshold)
     storage.delete_prefix(staging)

@@ -22,8 +22,7 @@ from torch import nn
 
 from covidray.augment import AugmentConfig, Augmenter
 from covidray.datasets import (INDEX_COLUMNS, POSITIVE_LABEL, assign_splits, grow_class,
-                               load_index, load_pixels)
-from covidray.images import normalize
+                               load_index, load_pixels, model_inputs)
 from covidray.layout import CHECKPOINT_FILE, RunLayout
 from covidray.metrics import DEFAULT_THRESHOLD, roc_auc, summarise
 from covidray.model import (build_model, checkpoint_bytes, covid_probability, freeze_for,
@@ -66,8 +65,8 @@ class TrainConfig:
 
 def batch_tensors(batch: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """A loaded batch -> (normalised inputs, targets), dropping rows that failed to load."""
-    ok = np.asarray(batch["error"]) == ""
-    x = torch.from_numpy(normalize(np.asarray(batch["pixels"])[ok])).to(device)
+    inputs, ok = model_inputs(batch)
+    x = torch.from_numpy(inputs).to(device)
     y = torch.from_numpy(np.asarray(batch["target"])[ok].astype(np.int64)).to(device)
     return x, y
 
@@ -190,6 +189,25 @@ def prepare_index(config: TrainConfig, storage: Storage):
     return index, train
 
 
+def image_stream(frame, storage: Storage, augmenter=None, data_cpus: float = 1.0):
+    """A Ray Dataset streaming index rows from storage through decode (+ augment) to pixels."""
+    import ray.data
+
+    columns = [c for c in INDEX_COLUMNS if c != "patient_id"]
+    return ray.data.from_pandas(frame[columns].reset_index(drop=True)).map_batches(
+        load_pixels, fn_kwargs={"storage": storage, "augmenter": augmenter},
+        batch_format="numpy", batch_size=32, num_cpus=data_cpus)
+
+
+def training_datasets(train_index, val_index, storage: Storage, augmenter,
+                      data_cpus: float) -> dict:
+    """The Ray Datasets fed to Ray Train: augmented ``train``, plain ``val`` (if any)."""
+    datasets = {"train": image_stream(train_index, storage, augmenter, data_cpus)}
+    if len(val_index):
+        datasets["val"] = image_stream(val_index, storage, None, data_cpus)
+    return datasets
+
+
 def latest_checkpoint(storage: Storage, layout: RunLayout) -> str | None:
     """The newest Ray Train checkpoint under the run (checkpoint directories sort by time)."""
     found = [u for u in storage.list_files(layout.checkpoints) if u.endswith("/" + CHECKPOINT_FILE)
@@ -209,16 +227,15 @@ def fit(config: TrainConfig, storage: Storage, ray_address: str | None = None) -
     """
     from covidray.cluster import connect_ray, plan_resources
 
-    ray = connect_ray(ray_address)
-    import ray.data
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
     layout = RunLayout(config.output)
     storage.check(config.data)
     storage.check(config.output, writable=True)
     # Fail here, on the driver, rather than in every worker.
     build_model(config.weights, storage)
+
+    ray = connect_ray(ray_address)
+    import ray.train
+    from ray.train.torch import TorchTrainer
 
     index, train_index = prepare_index(config, storage)
     storage.write_bytes(layout.splits, _parquet_bytes(index))
@@ -230,17 +247,8 @@ def fit(config: TrainConfig, storage: Storage, ray_address: str | None = None) -
 
     plan = plan_resources(ray.cluster_resources(), config.workers, config.use_gpu)
     print(f"resources: {plan.to_dict()}")
-    augmenter = Augmenter(config.augment, config.seed)
-    columns = [c for c in INDEX_COLUMNS if c != "patient_id"]
-
-    def stream(frame, augment):
-        return ray.data.from_pandas(frame[columns].reset_index(drop=True)).map_batches(
-            load_pixels, fn_kwargs={"storage": storage, "augmenter": augment},
-            batch_format="numpy", batch_size=32, num_cpus=plan.data_cpus)
-
-    datasets = {"train": stream(train_index, augmenter)}
-    if len(val_index):
-        datasets["val"] = stream(val_index, None)
+    datasets = training_datasets(train_index, val_index, storage,
+                                 Augmenter(config.augment, config.seed), plan.data_cpus)
 
     resume_from = None
     if config.resume:

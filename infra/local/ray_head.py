@@ -1,0 +1,127 @@
+#!/usr/bin/env python3
+"""Start, stop and check a local Ray head node (``ray start --head``) on 127.0.0.1.
+
+    python infra/local/ray_head.py start [--dir .local/ray] [--port 6380] [--dashboard-port 8265]
+    python infra/local/ray_head.py stop
+
+``ray start --block`` runs under a PID recorded in ``<dir>/ray.pid``; ``stop`` sends it
+SIGTERM, which ends the processes that node started and nothing else (no ``ray stop``,
+which would end every Ray process on the machine). Idempotent.
+
+Authentication: the local head runs with ``RAY_AUTH_MODE=disabled`` and binds to
+127.0.0.1; set the same mode for clients (``infra/local/env.sh`` does). Clusters that
+others can reach should use ``RAY_AUTH_MODE=token`` (see README).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+
+DEFAULT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", ".local", "ray")
+AUTH_MODE = "disabled"
+
+
+def _pid(directory: str) -> int | None:
+    try:
+        with open(os.path.join(directory, "ray.pid")) as fh:
+            pid = int(fh.read().strip())
+        os.kill(pid, 0)
+        return pid
+    except (OSError, ValueError):
+        return None
+
+
+def dashboard_up(dashboard_port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{dashboard_port}/api/version", timeout=2) as r:
+            return r.status == 200
+    except Exception:
+        return False
+
+
+def start(directory: str = DEFAULT_DIR, port: int = 6380, dashboard_port: int = 8265,
+          num_cpus: int | None = None, env: dict | None = None, timeout: float = 90) -> str:
+    """Start the head (or find it running); returns the dashboard address for ``ray job submit``."""
+    directory = os.path.abspath(directory)
+    address = f"http://127.0.0.1:{dashboard_port}"
+    if _pid(directory):
+        if dashboard_up(dashboard_port):
+            return address
+        raise SystemExit(f"a Ray head (PID {_pid(directory)}) from {directory} runs but its "
+                         "dashboard does not answer: run `stop` first")
+    if dashboard_up(dashboard_port):
+        raise SystemExit(f"another Ray dashboard already answers on port {dashboard_port}: "
+                         "stop it or pick --dashboard-port")
+    os.makedirs(directory, exist_ok=True)
+    ray_binary = shutil.which("ray") or os.path.join(os.path.dirname(sys.executable), "ray")
+    # Logical CPUs default to the machine's; more than the cores lets Train and Data
+    # both schedule on very small machines (covidray sizes its work from this number).
+    num_cpus = num_cpus or max(2, os.cpu_count() or 2)
+    command = [ray_binary, "start", "--head", "--block", f"--port={port}",
+               "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
+               f"--dashboard-port={dashboard_port}", f"--num-cpus={num_cpus}",
+               "--disable-usage-stats", "--include-dashboard=true"]
+    child_env = {**os.environ, "RAY_AUTH_MODE": AUTH_MODE, **(env or {})}
+    with open(os.path.join(directory, "ray.out"), "ab") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT,
+                                   stdin=subprocess.DEVNULL, env=child_env,
+                                   start_new_session=True)
+    with open(os.path.join(directory, "ray.pid"), "w") as fh:
+        fh.write(str(process.pid))
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if process.poll() is not None:
+            raise SystemExit(f"ray start exited with {process.returncode}; see {directory}/ray.out")
+        if dashboard_up(dashboard_port):
+            return address
+        time.sleep(1)
+    stop(directory)
+    raise SystemExit(f"Ray head not ready in {timeout:.0f}s; see {directory}/ray.out")
+
+
+def stop(directory: str = DEFAULT_DIR, timeout: float = 30) -> bool:
+    """Stop the head that ``start`` recorded in ``directory``; True if one was running."""
+    directory = os.path.abspath(directory)
+    pid = _pid(directory)
+    if pid is None:
+        return False
+    os.kill(pid, signal.SIGTERM)  # `ray start --block` ends the processes it started
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            os.kill(pid, 0)
+            time.sleep(0.2)
+        except OSError:
+            break
+    else:
+        os.killpg(pid, signal.SIGKILL)
+    os.unlink(os.path.join(directory, "ray.pid"))
+    return True
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("action", choices=["start", "stop"])
+    parser.add_argument("--dir", default=os.environ.get("COVIDRAY_RAY_DIR", DEFAULT_DIR))
+    parser.add_argument("--port", type=int, default=int(os.environ.get("COVIDRAY_RAY_PORT", 6380)))
+    parser.add_argument("--dashboard-port", type=int,
+                        default=int(os.environ.get("COVIDRAY_RAY_DASHBOARD_PORT", 8265)))
+    parser.add_argument("--num-cpus", type=int, default=None,
+                        help="logical CPUs to advertise (default: the machine's, at least 2)")
+    args = parser.parse_args(argv)
+    if args.action == "start":
+        address = start(args.dir, args.port, args.dashboard_port, args.num_cpus)
+        print(f"Ray head ready; submit jobs with --address {address}", file=sys.stderr)
+    else:
+        print("stopped" if stop(args.dir) else "not running", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,106 @@
+"""The model, its starting weights, and the plain PyTorch loop (no Ray)."""
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from covidray.datasets import load_pixels
+from covidray.model import (WeightsUnavailable, build_model, checkpoint_bytes, freeze_for,
+                            load_weights, set_train_mode)
+from covidray.synthetic import encode, synthetic_xray
+from covidray.train import evaluate, train_one_epoch
+
+
+def imagenet_like_state_dict(seed: int = 0) -> dict:
+    """What torchvision's resnet18-f37072fd.pth holds: a 1000-class state dict."""
+    from torchvision.models import resnet18
+
+    torch.manual_seed(seed)
+    return resnet18(weights=None, num_classes=1000).state_dict()
+
+
+def test_imagenet_shaped_file_from_s3_loads_backbone_and_fresh_head(storage, prefix):
+    state = imagenet_like_state_dict()
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    storage.write_bytes(f"{prefix}/resnet18.pth", buffer.getvalue())
+    model = build_model(f"{prefix}/resnet18.pth", storage)
+    assert torch.equal(model.layer4[1].conv2.weight, state["layer4.1.conv2.weight"])
+    assert model.fc.out_features == 2
+
+
+def test_covidray_checkpoint_loads_with_its_head(tmp_path):
+    source = build_model("none")
+    path = tmp_path / "model.pt"
+    path.write_bytes(checkpoint_bytes({"model": source.state_dict(), "epoch": 0}))
+    loaded = build_model(str(path))
+    assert torch.equal(loaded.fc.weight, source.fc.weight)
+
+
+def test_a_file_that_is_not_resnet18_is_refused(tmp_path):
+    path = tmp_path / "other.pt"
+    torch.save({"conv.weight": torch.zeros(3)}, path)
+    with pytest.raises(WeightsUnavailable, match="do not fit ResNet18"):
+        build_model(str(path))
+
+
+def test_missing_weights_file_says_so(tmp_path):
+    with pytest.raises(WeightsUnavailable, match="cannot read weights"):
+        build_model(str(tmp_path / "absent.pth"))
+
+
+def test_imagenet_weights_load_or_explain_how_to_prestage(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # an empty cache: forces a download
+    try:
+        state = load_weights("imagenet")
+    except WeightsUnavailable as exc:  # no internet (as on this project's machines)
+        assert "resnet18-f37072fd.pth" in str(exc) and "--weights s3://" in str(exc)
+    else:
+        assert state["fc.weight"].shape == (1000, 512)
+
+
+def test_fc_mode_trains_only_the_head_and_keeps_batchnorm_fixed():
+    model = freeze_for(build_model("none"), "fc")
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {"fc.weight", "fc.bias"}
+    set_train_mode(model, "fc")
+    assert not model.bn1.training and model.fc.training
+    freeze_for(model, "all")
+    set_train_mode(model, "all")
+    assert all(p.requires_grad for p in model.parameters()) and model.bn1.training
+
+
+def synthetic_batches(tmp_path, n=24, batch_size=8):
+    rng = np.random.default_rng(0)
+    uris, labels = [], []
+    for i in range(n):
+        label = "covid" if i % 2 else "non_covid"
+        path = tmp_path / f"{i}.png"
+        path.write_bytes(encode(synthetic_xray(label == "covid", rng), "png"))
+        uris.append(str(path))
+        labels.append(label)
+    from covidray.storage import Storage
+
+    loaded = load_pixels({"uri": np.asarray(uris), "label": np.asarray(labels, dtype=object)},
+                         Storage())
+    return [{k: v[i:i + batch_size] for k, v in loaded.items()} for i in range(0, n, batch_size)]
+
+
+def test_plain_loop_learns_without_ray_and_leaves_backbone_untouched(tmp_path):
+    torch.manual_seed(0)
+    batches = synthetic_batches(tmp_path)
+    model = freeze_for(build_model("none"), "fc")
+    backbone_before = model.layer3[0].conv1.weight.clone()
+    running_mean_before = model.bn1.running_mean.clone()
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    criterion = nn.CrossEntropyLoss()
+    before = evaluate(model, criterion, batches, torch.device("cpu"), 0.5)
+    for _ in range(8):
+        train_one_epoch(model, criterion, optimizer, batches, torch.device("cpu"), "fc")
+    after = evaluate(model, criterion, batches, torch.device("cpu"), 0.5)
+    assert after["val_loss"] < before["val_loss"]
+    assert after["val_auc"] > 0.8
+    assert torch.equal(model.layer3[0].conv1.weight, backbone_before)
+    assert torch.equal(model.bn1.running_mean, running_mean_before)
