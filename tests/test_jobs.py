@@ -1,0 +1,74 @@
+"""`ray job submit` against a real `ray start --head` cluster runs every stage."""
+
+import os
+import sys
+import time
+
+import pytest
+
+import ray_head
+from covidray.layout import RunLayout, ScoreLayout
+
+from conftest import BUCKET, REPO, free_port, read_parquet_dir
+
+pytestmark = pytest.mark.cluster
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(tmp_path_factory, s3_env):
+    directory = str(tmp_path_factory.mktemp("ray-head"))
+    venv_bin = os.path.dirname(sys.executable)  # `python` in job entrypoints is this one
+    address = ray_head.start(directory, port=free_port(), dashboard_port=free_port(),
+                             num_cpus=2, env={"PATH": f"{venv_bin}:{os.environ['PATH']}"})
+    yield address
+    ray_head.stop(directory)
+
+
+def submit_and_wait(address: str, entrypoint: str, env: dict, timeout: float = 600) -> str:
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    client = JobSubmissionClient(address)
+    job = client.submit_job(entrypoint=entrypoint,
+                            runtime_env={"working_dir": REPO, "env_vars": env})
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        status = client.get_job_status(job)
+        if status in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
+            logs = client.get_job_logs(job)
+            assert status == JobStatus.SUCCEEDED, logs[-4000:]
+            return logs
+        time.sleep(2)
+    client.stop_job(job)
+    raise AssertionError(f"job {job} did not finish in {timeout}s")
+
+
+def test_demo_job_runs_train_export_and_score_on_a_ray_start_cluster(ray_cluster, s3_env, storage):
+    workdir = f"s3://{BUCKET}/job-demo-{int(time.time())}"
+    logs = submit_and_wait(ray_cluster, f"python jobs/demo.py --workdir {workdir} --images 24 "
+                                        "--epochs 1 --weights none", dict(s3_env))
+    assert "covidray demo summary" in logs
+    run, scores = f"{workdir}/run", f"{workdir}/scores/test"
+    for artifact in (RunLayout(run).model_checkpoint, RunLayout(run).onnx,
+                     ScoreLayout(scores).metrics_json, ScoreLayout(scores).sweep_csv,
+                     ScoreLayout(scores).confusion_png(0.10), ScoreLayout(scores).success):
+        assert storage.exists(artifact), artifact
+    summary = storage.read_json(ScoreLayout(scores).success)
+    assert summary["failed"] == 3 and summary["listed"] == summary["scored"] + 3
+    assert len(read_parquet_dir(storage, ScoreLayout(scores).errors)) == 3
+
+
+def test_score_job_with_wrong_credentials_fails_with_a_clear_message(ray_cluster, s3_env):
+    env = {**s3_env, "AWS_SECRET_ACCESS_KEY": "wrong"}
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    client = JobSubmissionClient(ray_cluster)
+    job = client.submit_job(
+        entrypoint=f"python jobs/score.py --archive s3://{BUCKET}/x --model s3://{BUCKET}/m.onnx "
+                   f"--output s3://{BUCKET}/y",
+        runtime_env={"working_dir": REPO, "env_vars": env})
+    for _ in range(120):
+        if client.get_job_status(job) in (JobStatus.SUCCEEDED, JobStatus.FAILED):
+            break
+        time.sleep(1)
+    assert client.get_job_status(job) == JobStatus.FAILED
+    assert "rejected the credentials" in client.get_job_logs(job)

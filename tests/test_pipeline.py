@@ -1,0 +1,178 @@
+"""Train -> export -> score on a real local Ray instance, real S3 server, real onnxruntime."""
+
+import io
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn.metrics import confusion_matrix, roc_auc_score
+
+from covidray.datasets import model_inputs
+from covidray.export import (ExportParityError, export_onnx, model_metadata, onnx_session,
+                             parity_check, parity_inputs, read_metadata)
+from covidray.images import RECIPE, preprocess
+from covidray.layout import RunLayout, ScoreLayout
+from covidray.metrics import is_positive
+from covidray.model import build_model, load_checkpoint, model_from_checkpoint
+from covidray.scoring import archive_index, loaded_images, score_archive
+from covidray.storage import StorageError
+from covidray.synthetic import encode, synthetic_xray
+from covidray.train import TrainConfig, fit, image_stream, latest_checkpoint
+
+from conftest import read_parquet_dir, upload_synthetic
+
+
+def test_training_writes_checkpoint_history_and_splits(storage, trained_run):
+    layout = RunLayout(trained_run["run"])
+    checkpoint = load_checkpoint(storage, layout.model_checkpoint)
+    assert checkpoint["epoch"] == 1 and len(checkpoint["history"]) == 2
+    assert {"train_loss", "val_loss", "val_auc"} <= set(checkpoint["history"][-1])
+    assert checkpoint["config"]["weights"] == "none"
+    assert storage.read_json(layout.history) == json.loads(json.dumps(checkpoint["history"]))
+    splits = pd.read_parquet(io.BytesIO(storage.read_bytes(layout.splits)))
+    assert splits.groupby("patient_id")["split"].nunique().max() == 1
+    assert latest_checkpoint(storage, layout) is not None
+
+
+def test_resume_continues_from_the_latest_checkpoint(storage, trained_run):
+    config = TrainConfig(**{**trained_run["config"].to_dict(), "epochs": 3, "resume": True,
+                            "augment": trained_run["config"].augment})
+    summary = fit(config, storage)
+    assert summary["epochs"] == 3
+    history = load_checkpoint(storage, RunLayout(config.output).model_checkpoint)["history"]
+    assert [h["epoch"] for h in history] == [0, 1, 2]  # epochs 0-1 restored, only 2 re-run
+
+
+def test_onnx_carries_metadata_and_a_dynamic_batch(storage, trained_run):
+    session = onnx_session(storage.read_bytes(RunLayout(trained_run["run"]).onnx))
+    metadata = read_metadata(session)
+    assert json.loads(metadata["preprocessing"]) == RECIPE
+    assert json.loads(metadata["class_names"]) == ["non_covid", "covid"]
+    assert metadata["weights"].startswith("random initialisation")
+    assert json.loads(metadata["train_config"])["epochs"] == 2
+    for batch in (1, 5):
+        logits, probabilities = session.run(None, {"input": np.zeros((batch, 3, 224, 224), np.float32)})
+        assert logits.shape == (batch, 2) and np.allclose(probabilities.sum(1), 1, atol=1e-6)
+
+
+def test_export_parity_is_reported_within_tolerance(storage, trained_run):
+    report = storage.read_json(RunLayout(trained_run["run"]).export_report)
+    assert report["passed"] and report["images"] >= 8
+    assert report["max_abs_diff_probabilities"] <= 1e-4 and report["max_abs_diff_logits"] <= 1e-4
+
+
+def test_parity_check_fails_when_onnx_differs_from_torch():
+    model_a, model_b = build_model("none"), build_model("none")
+    onnx_b = export_onnx(model_b, model_metadata(0.5, "none", {}, 1))
+    with pytest.raises(ExportParityError, match="differs from torch"):
+        parity_check(model_a, onnx_b, np.random.default_rng(0).normal(size=(2, 3, 224, 224))
+                     .astype(np.float32))
+
+
+def test_training_export_and_scoring_preprocess_identically(storage, trained_run, ray_local):
+    """The same file through the three real pipelines gives bit-identical model input."""
+    layout = RunLayout(trained_run["run"])
+    splits = pd.read_parquet(io.BytesIO(storage.read_bytes(layout.splits)))
+    held_out = pd.concat([splits[splits["split"] == s] for s in ("test", "val", "train")])
+    uri = held_out["uri"].iloc[0]
+    reference = preprocess(storage.read_bytes(uri))[0]
+
+    # training: the Ray Data stream fed to Ray Train (unaugmented row), then batch_tensors' input
+    train_batch = next(iter(image_stream(held_out.head(1), storage).iter_batches(batch_format="numpy")))
+    from_training = model_inputs(train_batch)[0][0]
+    # export: the parity-check input is the first held-out image
+    from_export = parity_inputs(storage, layout, count=1)[0]
+    # scoring: the archive index + loading stages of score_archive
+    archive = f"{trained_run['root']}/one.csv"
+    storage.write_bytes(archive, pd.DataFrame({"uri": [uri]}).to_csv(index=False).encode())
+    index = archive_index(storage, archive, f"{trained_run['root']}/_staging-parity")
+    score_batch = next(iter(loaded_images(index, storage, 8, 0.5).iter_batches(batch_format="numpy")))
+    from_scoring = model_inputs(score_batch)[0][0]
+
+    for name, array in (("training", from_training), ("export", from_export),
+                        ("scoring", from_scoring)):
+        assert array.dtype == np.float32 and np.array_equal(array, reference), name
+
+
+def bad_archive(storage, root):
+    """A labelled prefix archive with a truncated JPEG, an empty file and a text '.png'."""
+    rng = np.random.default_rng(5)
+    for i in range(6):
+        label = "covid" if i % 2 else "non_covid"
+        storage.write_bytes(f"{root}/{label}/img-{i}.{'png' if i % 3 else 'jpg'}",
+                            encode(synthetic_xray(label == "covid", rng), "png" if i % 3 else "jpg"))
+    good_jpeg = encode(synthetic_xray(False, rng), "jpg")
+    storage.write_bytes(f"{root}/non_covid/truncated.jpg", good_jpeg[: len(good_jpeg) // 2])
+    storage.write_bytes(f"{root}/covid/empty.png", b"")
+    storage.write_bytes(f"{root}/covid/text.png", b"not an image at all")
+    storage.write_bytes(f"{root}/README.txt", b"not listed: not an image suffix")
+
+
+def test_scoring_an_archive_with_unreadable_files(storage, trained_run, prefix, ray_local):
+    archive, output = f"{prefix}/archive", f"{prefix}/out"
+    bad_archive(storage, archive)
+    model = RunLayout(trained_run["run"]).onnx
+    summary = score_archive(archive, model, output, storage, threshold=0.5, batch_size=4)
+    layout = ScoreLayout(output)
+
+    assert (summary["listed"], summary["scored"], summary["failed"]) == (9, 6, 3)
+    assert summary["reconciled"] and storage.read_json(layout.success)["listed"] == 9
+    errors = read_parquet_dir(storage, layout.errors).set_index("uri")
+    assert set(errors.index) == {f"{archive}/non_covid/truncated.jpg", f"{archive}/covid/empty.png",
+                                 f"{archive}/covid/text.png"}
+    assert "truncated" in errors.loc[f"{archive}/non_covid/truncated.jpg", "error"]
+    assert "empty file" in errors.loc[f"{archive}/covid/empty.png", "error"]
+    assert "not an image" in errors.loc[f"{archive}/covid/text.png", "error"]
+
+    predictions = read_parquet_dir(storage, layout.predictions)
+    assert len(predictions) == 6 and predictions["uri"].is_unique
+    # Each score is what onnxruntime gives for the library's preprocessing of that file.
+    session = onnx_session(storage.read_bytes(model))
+    for row in predictions.itertuples():
+        expected = session.run(["probabilities"], {"input": preprocess(storage.read_bytes(row.uri))})[0][0, 1]
+        assert row.score == pytest.approx(float(expected), abs=1e-5)
+        assert row.prediction == ("covid" if row.score >= 0.5 else "non_covid")
+
+    # The published metrics agree with scikit-learn on the predictions table.
+    metrics = storage.read_json(layout.metrics_json)
+    targets = (predictions["label"] == "covid").astype(int).to_numpy()
+    assert metrics["roc_auc"] == pytest.approx(roc_auc_score(targets, predictions["score"]), abs=1e-12)
+    for row in metrics["sweep"]:
+        expected = confusion_matrix(targets, is_positive(predictions["score"], row["threshold"]),
+                                    labels=[0, 1])
+        assert [[row["tn"], row["fp"]], [row["fn"], row["tp"]]] == expected.tolist()
+    for threshold in ("0.10", "0.15", "0.20", "0.25"):
+        png = storage.read_bytes(layout.confusion_png(float(threshold)))
+        assert png.startswith(b"\x89PNG")
+    assert storage.read_bytes(layout.histogram_png).startswith(b"\x89PNG")
+    assert storage.read_bytes(layout.sweep_csv).decode().count("\n") == 102
+    assert not list(storage.list_files(layout.staging))  # staging cleaned up
+
+
+def test_manifest_archive_records_missing_objects_and_skips_metrics_without_labels(
+        storage, trained_run, prefix, ray_local):
+    storage.write_bytes(f"{prefix}/a.png", encode(synthetic_xray(True, np.random.default_rng(1)), "png"))
+    manifest = f"{prefix}/archive.parquet"
+    buffer = io.BytesIO()
+    pd.DataFrame({"uri": [f"{prefix}/a.png", f"{prefix}/gone.png"]}).to_parquet(buffer)
+    storage.write_bytes(manifest, buffer.getvalue())
+    summary = score_archive(manifest, RunLayout(trained_run["run"]).onnx, f"{prefix}/out", storage)
+    assert (summary["listed"], summary["scored"], summary["failed"]) == (2, 1, 1)
+    assert "metrics" not in summary
+    errors = read_parquet_dir(storage, ScoreLayout(f"{prefix}/out").errors)
+    assert errors["error"].iloc[0].startswith("read failed")
+
+
+def test_scoring_refuses_a_missing_model_before_any_work(storage, prefix):
+    storage.write_bytes(f"{prefix}/archive/x.png", b"")
+    with pytest.raises(StorageError, match="not found: run `covidray export`"):
+        score_archive(f"{prefix}/archive", f"{prefix}/nope.onnx", f"{prefix}/out", storage)
+
+
+def test_training_refuses_unlabelled_images(storage, prefix, ray_local):
+    upload_synthetic(storage, f"{prefix}/data", 2, 2)
+    storage.write_bytes(f"{prefix}/data/unsorted/x.png", b"")
+    with pytest.raises(ValueError, match="have no label"):
+        fit(TrainConfig(data=f"{prefix}/data", output=f"{prefix}/run", epochs=1, weights="none"),
+            storage)
