@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Start the local S3 server (SeaweedFS) and a local Ray head, both on 127.0.0.1, and write
+# .local/env.sh with the variables a shell needs:  source .local/env.sh
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+PY=.venv/bin/python
+export RAY_AUTH_MODE=disabled
+$PY infra/local/s3_server.py start
+$PY infra/local/ray_head.py start
+{ $PY infra/local/s3_server.py env
+  echo "export RAY_AUTH_MODE=disabled"
+  echo "export RAY_ADDRESS=http://127.0.0.1:${COVIDRAY_RAY_DASHBOARD_PORT:-8265}"
+} > .local/env.sh
+echo "services up; now: source .local/env.sh" >&2
