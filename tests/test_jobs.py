@@ -1,7 +1,5 @@
 """`ray job submit` against a real `ray start --head` cluster runs every stage."""
 
-import os
-import sys
 import time
 
 import pytest
@@ -17,9 +15,7 @@ pytestmark = pytest.mark.cluster
 @pytest.fixture(scope="module")
 def ray_cluster(tmp_path_factory, s3_env):
     directory = str(tmp_path_factory.mktemp("ray-head"))
-    venv_bin = os.path.dirname(sys.executable)  # `python` in job entrypoints is this one
-    address = ray_head.start(directory, port=free_port(), dashboard_port=free_port(),
-                             num_cpus=2, env={"PATH": f"{venv_bin}:{os.environ['PATH']}"})
+    address = ray_head.start(directory, port=free_port(), dashboard_port=free_port(), num_cpus=2)
     yield address
     ray_head.stop(directory)
 

@@ -60,7 +60,11 @@ def start(directory: str = DEFAULT_DIR, port: int = 6380, dashboard_port: int = 
         raise SystemExit(f"another Ray dashboard already answers on port {dashboard_port}: "
                          "stop it or pick --dashboard-port")
     os.makedirs(directory, exist_ok=True)
-    ray_binary = shutil.which("ray") or os.path.join(os.path.dirname(sys.executable), "ray")
+    # The Python that runs this script runs the cluster, and is `python` in job entrypoints.
+    python_bin = os.path.dirname(sys.executable)
+    ray_binary = os.path.join(python_bin, "ray")
+    if not os.path.exists(ray_binary):
+        ray_binary = shutil.which("ray") or "ray"
     # Logical CPUs default to the machine's; more than the cores lets Train and Data
     # both schedule on very small machines (covidray sizes its work from this number).
     num_cpus = num_cpus or max(2, os.cpu_count() or 2)
@@ -68,7 +72,8 @@ def start(directory: str = DEFAULT_DIR, port: int = 6380, dashboard_port: int = 
                "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
                f"--dashboard-port={dashboard_port}", f"--num-cpus={num_cpus}",
                "--disable-usage-stats", "--include-dashboard=true"]
-    child_env = {**os.environ, "RAY_AUTH_MODE": AUTH_MODE, **(env or {})}
+    child_env = {**os.environ, "RAY_AUTH_MODE": AUTH_MODE,
+                 "PATH": f"{python_bin}{os.pathsep}{os.environ.get('PATH', '')}", **(env or {})}
     with open(os.path.join(directory, "ray.out"), "ab") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT,
                                    stdin=subprocess.DEVNULL, env=child_env,
