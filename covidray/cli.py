@@ -28,7 +28,7 @@ def _storage_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _train_options(parser: argparse.ArgumentParser, paper: bool = True) -> None:
-    parser.add_argument("--epochs", type=int, default=100 if paper else 4,
+    parser.add_argument("--epochs", type=int, default=100 if paper else 6,
                         help="passes over the training set (paper: 100)")
     parser.add_argument("--batch-size", type=int, default=20, help="images per step (paper: 20)")
     parser.add_argument("--lr", type=float, default=1e-4 if paper else 1e-3,
@@ -105,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="'synthetic' or a folder holding metadata.csv (file, label, ...)")
     demo.add_argument("--workdir", default="s3://covidray-demo",
                       help="where the demo writes everything (bucket created if missing)")
-    demo.add_argument("--images", type=int, default=160,
+    demo.add_argument("--images", type=int, default=240,
                       help="synthetic: images to make; a folder: most images to use "
                            "(whole patient groups, both classes kept)")
     _train_options(demo, paper=False)

@@ -17,7 +17,7 @@ keys = ["AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_R
 print(json.dumps({"env_vars": {k: os.environ[k] for k in keys}}))
 PY
 )
-ray job submit --address "$RAY_ADDRESS" --working-dir . --runtime-env-json "$RUNTIME_ENV" \
+ray job submit --address "$COVIDRAY_RAY_DASHBOARD" --working-dir . --runtime-env-json "$RUNTIME_ENV" \
   -- python jobs/demo.py "$@"
 echo "Everything the demo wrote is under s3://covidray-demo at $AWS_ENDPOINT_URL;" \
      "source .local/env.sh to reach it (credentials in .local/s3/credentials.json)." >&2

@@ -9,6 +9,9 @@ $PY infra/local/s3_server.py start
 $PY infra/local/ray_head.py start
 { $PY infra/local/s3_server.py env
   echo "export RAY_AUTH_MODE=disabled"
-  echo "export RAY_ADDRESS=http://127.0.0.1:${COVIDRAY_RAY_DASHBOARD_PORT:-8265}"
+  # Drivers (covidray train/score run here) join through the GCS address; `ray job submit`
+  # talks to the dashboard: --address "$COVIDRAY_RAY_DASHBOARD".
+  echo "export RAY_ADDRESS=127.0.0.1:${COVIDRAY_RAY_PORT:-6380}"
+  echo "export COVIDRAY_RAY_DASHBOARD=http://127.0.0.1:${COVIDRAY_RAY_DASHBOARD_PORT:-8265}"
 } > .local/env.sh
 echo "services up; now: source .local/env.sh" >&2
