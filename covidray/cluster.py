@@ -19,7 +19,8 @@ class ResourcePlan:
     worker_gpus: float
     data_cpus: float  # CPUs per Ray Data map task / scoring actor
     torch_threads: int  # intra-op threads per training worker
-    scoring_actors: int
+    scoring_actors: int  # onnxruntime / backbone-feature actors
+    feature_threads: int  # intra-op threads per backbone-feature actor
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -34,17 +35,20 @@ def plan_resources(cluster: dict, workers: int = 1, use_gpu: bool = False) -> Re
     if use_gpu and gpus < workers:
         raise ValueError(f"--use-gpu with {workers} workers needs {workers} GPUs; the cluster "
                          f"has {gpus:g}. Lower --workers or drop --use-gpu")
-    # Half the CPUs (at most one each) for training workers; the rest feed them.
+    # Half the CPUs (at most one each) are reserved for training workers, the rest for the
+    # Ray Data tasks feeding them. Reservations are logical: a worker's torch may still use
+    # its share of the cores (decoding is light next to a ResNet step).
     worker_cpus = max(0.25, min(1.0, cpus / (2 * workers)))
     left_for_data = max(0.5, cpus - worker_cpus * workers)
-    data_cpus = max(0.25, min(1.0, left_for_data / 2))
+    actors = max(1, math.floor(cpus / 2))
     return ResourcePlan(
         workers=workers,
         worker_cpus=round(worker_cpus, 3),
         worker_gpus=1.0 if use_gpu else 0.0,
-        data_cpus=round(data_cpus, 3),
-        torch_threads=max(1, math.floor(worker_cpus)),
-        scoring_actors=max(1, math.floor(cpus / 2)),
+        data_cpus=round(max(0.25, min(1.0, left_for_data / 2)), 3),
+        torch_threads=max(1, math.floor(cpus / workers)),
+        scoring_actors=actors,
+        feature_threads=max(1, math.floor(cpus / actors)),
     )
 
 

@@ -4,6 +4,7 @@
     <run>/train/splits.parquet     every image with its train/val/test split
     <run>/train/history.json       per-epoch loss and validation metrics
     <run>/train/checkpoints/       Ray Train checkpoints (checkpoint_*/checkpoint.pt)
+    <run>/train/features/<split>/  frozen-backbone features (Parquet), when only the head trains
     <run>/model/model.pt           final checkpoint {model, optimizer, epoch, config, ...}
     <run>/model/model.onnx         exported model, metadata inside
     <run>/model/export.json        ONNX parity report
@@ -47,6 +48,9 @@ class RunLayout:
     @property
     def checkpoints(self) -> str:
         return self._at("train", "checkpoints")
+
+    def features(self, split: str) -> str:
+        return self._at("train", "features", split)
 
     @property
     def model_checkpoint(self) -> str:

@@ -25,7 +25,7 @@ from covidray.datasets import (INDEX_COLUMNS, POSITIVE_LABEL, assign_splits, gro
                                load_index, load_pixels, model_inputs)
 from covidray.layout import CHECKPOINT_FILE, RunLayout
 from covidray.metrics import DEFAULT_THRESHOLD, roc_auc, summarise
-from covidray.model import (build_model, checkpoint_bytes, covid_probability, freeze_for,
+from covidray.model import (build_model, checkpoint_bytes, covid_probability, freeze_for, head,
                             load_checkpoint, set_train_mode)
 from covidray.storage import Location, Storage
 
@@ -64,8 +64,16 @@ class TrainConfig:
 # --- plain PyTorch -----------------------------------------------------------------------
 
 def batch_tensors(batch: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """A loaded batch -> (normalised inputs, targets), dropping rows that failed to load."""
-    inputs, ok = model_inputs(batch)
+    """A batch -> (inputs, targets), dropping rows that failed to load.
+
+    Inputs are normalised images, or cached backbone features when the batch has them
+    (frozen-backbone training, see :mod:`covidray.features`).
+    """
+    if "features" in batch:
+        ok = np.asarray(batch["error"]) == ""
+        inputs = np.ascontiguousarray(np.asarray(batch["features"], dtype=np.float32)[ok])
+    else:
+        inputs, ok = model_inputs(batch)
     x = torch.from_numpy(inputs).to(device)
     y = torch.from_numpy(np.asarray(batch["target"])[ok].astype(np.int64)).to(device)
     return x, y
@@ -126,19 +134,24 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     config = TrainConfig.from_dict(loop_config["config"])
     storage: Storage = loop_config["storage"]
-    torch.set_num_threads(loop_config["torch_threads"])
+    torch.set_num_threads(min(loop_config["torch_threads"], os.cpu_count() or 1))
     torch.manual_seed(config.seed)
     device = ray.train.torch.get_device()
 
     model = freeze_for(build_model(config.weights, storage), config.train_layers)
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=config.lr)
+    # On cached features the loop trains the head alone; otherwise the whole model (with
+    # the layers freeze_for froze left untouched). Same parameters, same optimizer state.
+    cached = loop_config["cached_features"]
+    trainable, mode = (head(model), "all") if cached else (model, config.train_layers)
+    optimizer = torch.optim.Adam([p for p in trainable.parameters() if p.requires_grad],
+                                 lr=config.lr)
     start_epoch, history = 0, []
     restored = _restore(ray.train.get_checkpoint(), loop_config.get("resume_from"), storage)
     if restored is not None:
         model.load_state_dict(restored["model"])
         optimizer.load_state_dict(restored["optimizer"])
         start_epoch, history = restored["epoch"] + 1, list(restored["history"])
-    model = ray.train.torch.prepare_model(model)
+    trainable = ray.train.torch.prepare_model(trainable)
     criterion = nn.CrossEntropyLoss()
     rank = ray.train.get_context().get_world_rank()
 
@@ -150,10 +163,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
                                            local_shuffle_buffer_size=max(4 * config.batch_size, 64),
                                            local_shuffle_seed=config.seed + epoch)
         metrics = {"epoch": epoch,
-                   **train_one_epoch(model, criterion, optimizer, batches, device,
-                                     config.train_layers)}
+                   **train_one_epoch(trainable, criterion, optimizer, batches, device, mode)}
         if val_shard is not None:
-            metrics.update(evaluate(model, criterion,
+            metrics.update(evaluate(trainable, criterion,
                                     val_shard.iter_batches(batch_size=64, batch_format="numpy"),
                                     device, config.threshold))
         metrics["epoch_seconds"] = round(time.time() - started, 2)
@@ -208,6 +220,29 @@ def training_datasets(train_index, val_index, storage: Storage, augmenter,
     return datasets
 
 
+def cache_features(datasets: dict, weights: str, storage: Storage, plan, layout: RunLayout) -> dict:
+    """Run each image dataset through the frozen backbone once; store and return the features."""
+    import ray.data
+
+    from covidray.features import BackboneFeatures
+
+    cached = {}
+    for name, images in datasets.items():
+        started = time.time()
+        target = Location.parse(layout.features(name))
+        storage.delete_prefix(target.uri)
+        images.map_batches(
+            BackboneFeatures, batch_format="numpy", batch_size=32, num_cpus=plan.data_cpus,
+            fn_constructor_kwargs={"weights": weights, "storage": storage,
+                                   "threads": plan.feature_threads},
+            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=plan.scoring_actors),
+        ).write_parquet(target.fs_path, filesystem=storage.filesystem(target))
+        cached[name] = ray.data.read_parquet(target.fs_path, filesystem=storage.filesystem(target))
+        print(f"backbone features for {name}: {cached[name].count()} images in "
+              f"{time.time() - started:.1f} s -> {target.uri}")
+    return cached
+
+
 def latest_checkpoint(storage: Storage, layout: RunLayout) -> str | None:
     """The newest Ray Train checkpoint under the run (checkpoint directories sort by time)."""
     found = [u for u in storage.list_files(layout.checkpoints) if u.endswith("/" + CHECKPOINT_FILE)
@@ -249,6 +284,9 @@ def fit(config: TrainConfig, storage: Storage, ray_address: str | None = None) -
     print(f"resources: {plan.to_dict()}")
     datasets = training_datasets(train_index, val_index, storage,
                                  Augmenter(config.augment, config.seed), plan.data_cpus)
+    cached = config.train_layers == "fc"
+    if cached:  # a frozen backbone: compute its features once, train the head on them
+        datasets = cache_features(datasets, config.weights, storage, plan, layout)
 
     resume_from = None
     if config.resume:
@@ -257,7 +295,7 @@ def fit(config: TrainConfig, storage: Storage, ray_address: str | None = None) -
     checkpoints = Location.parse(layout.checkpoints)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": config.to_dict(), "storage": storage,
+        train_loop_config={"config": config.to_dict(), "storage": storage, "cached_features": cached,
                            "torch_threads": plan.torch_threads, "resume_from": resume_from,
                            "weights_note": describe_weights(config.weights)},
         scaling_config=ray.train.ScalingConfig(

@@ -35,6 +35,21 @@ def test_training_writes_checkpoint_history_and_splits(storage, trained_run):
     assert latest_checkpoint(storage, layout) is not None
 
 
+def test_frozen_backbone_run_trains_on_stored_features(storage, trained_run):
+    import torch
+
+    layout = RunLayout(trained_run["run"])
+    for split in ("train", "val"):
+        features = read_parquet_dir(storage, layout.features(split))
+        assert len(features) and len(features["features"].iloc[0]) == 512
+    assert (read_parquet_dir(storage, layout.features("train"))["copy"] > 0).any()  # grown COVID
+    checkpoint = load_checkpoint(storage, layout.model_checkpoint)
+    torch.manual_seed(trained_run["config"].seed)  # the worker's initialisation
+    start = build_model("none")
+    assert torch.equal(checkpoint["model"]["layer4.1.conv2.weight"], start.layer4[1].conv2.weight)
+    assert not torch.equal(checkpoint["model"]["fc.weight"], start.fc.weight)
+
+
 def test_resume_continues_from_the_latest_checkpoint(storage, trained_run):
     config = TrainConfig(**{**trained_run["config"].to_dict(), "epochs": 3, "resume": True,
                             "augment": trained_run["config"].augment})

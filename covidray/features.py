@@ -1,0 +1,52 @@
+"""Frozen-backbone training computes each image's backbone features once.
+
+When only the last layer trains (``--train-layers fc``, the paper's protocol), the
+backbone is a fixed function: running it every epoch repeats the same work. Instead a
+Ray Data pass maps every (augmented) training and validation image to its 512-d
+ResNet18 feature vector (:class:`BackboneFeatures`), the vectors are stored with the
+run, and the head trains for all epochs on them with the same plain-PyTorch loop
+(``covidray.train.train_one_epoch`` on the head alone).
+``tests/test_features.py`` proves both routes give the same head.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from covidray.datasets import model_inputs
+from covidray.model import build_model, head
+from covidray.storage import Storage
+
+FEATURE_COLUMNS = ["uri", "copy", "target", "error", "features"]
+
+
+def backbone(model: nn.Module) -> nn.Sequential:
+    """Everything before the head: images ``[N,3,224,224]`` -> features ``[N, 512]``."""
+    model = getattr(model, "module", model)
+    return nn.Sequential(*(m for name, m in model.named_children() if name != "fc"), nn.Flatten(1))
+
+
+@torch.inference_mode()
+def extract_features(model: nn.Module, inputs: np.ndarray) -> np.ndarray:
+    """Backbone features of normalised inputs, in eval mode (fixed BatchNorm statistics)."""
+    model.eval()
+    return backbone(model)(torch.from_numpy(inputs)).numpy()
+
+
+class BackboneFeatures:
+    """Ray Data callable: loaded image batch -> the same rows with ``features`` instead of pixels."""
+
+    def __init__(self, weights: str, storage: Storage, threads: int = 1):
+        torch.set_num_threads(threads)
+        self.model = build_model(weights, storage).eval()
+        self.width = head(self.model).in_features
+
+    def __call__(self, batch: dict) -> dict:
+        inputs, ok = model_inputs(batch)
+        features = np.zeros((len(ok), self.width), dtype=np.float32)
+        if ok.any():
+            features[ok] = extract_features(self.model, inputs)
+        return {"uri": batch["uri"], "copy": batch["copy"], "target": batch["target"],
+                "error": batch["error"], "features": features}
