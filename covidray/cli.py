@@ -27,18 +27,35 @@ def _storage_options(parser: argparse.ArgumentParser) -> None:
                              "submit`; else a local Ray instance is started)")
 
 
-def _train_options(parser: argparse.ArgumentParser, paper: bool = True) -> None:
-    parser.add_argument("--epochs", type=int, default=100 if paper else 6,
-                        help="passes over the training set (paper: 100)")
-    parser.add_argument("--batch-size", type=int, default=20, help="images per step (paper: 20)")
-    parser.add_argument("--lr", type=float, default=1e-4 if paper else 1e-3,
-                        help="Adam learning rate (paper: 1e-4)")
-    parser.add_argument("--weights", default="imagenet" if paper else "auto",
+# Every training value comes from a preset unless given on the command line.
+PRESETS = {
+    # Yamani & Malek: ImageNet ResNet18, last layer only, 100 epochs, batch 20, Adam 1e-4,
+    # COVID class grown to 450 with Augmentor (crop, rotation, horizontal/vertical flips).
+    "paper": {"epochs": 100, "batch_size": 20, "lr": 1e-4, "weights": "imagenet",
+              "train_layers": "fc", "covid_target": 450, "max_rotation": 10,
+              "flip_vertical": 0.5},
+    # A few quick epochs that learn something even from random initialisation.
+    "demo": {"epochs": 6, "batch_size": 20, "lr": 1e-3, "weights": "auto",
+             "train_layers": "fc", "covid_target": 0, "max_rotation": 10, "flip_vertical": 0.0},
+}
+
+
+def _train_options(parser: argparse.ArgumentParser, protocol: str) -> None:
+    preset = PRESETS[protocol]
+    parser.add_argument("--protocol", choices=sorted(PRESETS), default=protocol,
+                        help=f"preset for every option below that is not given (default "
+                             f"{protocol}; paper = {PRESETS['paper']})")
+    parser.add_argument("--epochs", type=int, help=f"passes over the training set ({protocol}: "
+                                                   f"{preset['epochs']})")
+    parser.add_argument("--batch-size", type=int, help="images per step (paper: 20)")
+    parser.add_argument("--lr", type=float, help="Adam learning rate (paper: 1e-4)")
+    parser.add_argument("--weights",
                         help="starting weights: imagenet (torchvision IMAGENET1K_V1, hash-checked),"
-                             " none (random), or a state-dict file path / s3:// URI"
-                             + ("" if paper else "; auto = imagenet if available, else none"))
-    parser.add_argument("--train-layers", choices=TRAIN_LAYERS, default="fc",
-                        help="fc: only the last layer, backbone frozen (paper); all: fine-tune all")
+                             " none (random), a state-dict file path / s3:// URI, or auto "
+                             "(imagenet if reachable, else none)")
+    parser.add_argument("--train-layers", choices=TRAIN_LAYERS,
+                        help="fc: only the last layer on a frozen backbone whose features are "
+                             "computed once (paper); all: fine-tune every layer")
     parser.add_argument("--workers", type=int, default=1, help="Ray Train workers")
     parser.add_argument("--use-gpu", action="store_true", help="one GPU per training worker")
     parser.add_argument("--val-fraction", type=float, default=0.15,
@@ -46,16 +63,32 @@ def _train_options(parser: argparse.ArgumentParser, paper: bool = True) -> None:
     parser.add_argument("--test-fraction", type=float, default=0.15,
                         help="share of patients held out for testing (rows without a split)")
     parser.add_argument("--seed", type=int, default=0, help="seeds splits, augmentation, init")
-    parser.add_argument("--covid-target", type=int, default=0,
+    parser.add_argument("--covid-target", type=int,
                         help="grow the COVID training class to this many images with augmented "
                              "copies (paper: 450; 0 = no copies)")
     parser.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
                         help="operating threshold stored in the model (COVID if score >= it)")
-    parser.add_argument("--max-rotation", type=int, default=AugmentConfig.max_rotation_degrees,
-                        help="augmentation: largest rotation, degrees")
+    parser.add_argument("--max-rotation", type=int, help="augmentation: largest rotation, degrees")
     parser.add_argument("--flip-vertical", type=float,
-                        default=AugmentConfig.flip_vertical_probability,
-                        help="augmentation: probability of a vertical flip")
+                        help="augmentation: probability of a vertical flip (paper: 0.5)")
+
+
+def _evaluate_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--target-sensitivity", type=float, default=0.95,
+                        help="choose the operating threshold on validation as the highest one "
+                             "reaching this sensitivity")
+    parser.add_argument("--eval-output", help="where the report goes (default <run>/eval)")
+    parser.add_argument("--bootstrap", type=int, default=1000,
+                        help="bootstrap replicates (patients resampled) for AUC intervals")
+    parser.add_argument("--breakdown", default="source,view,sex,age_group",
+                        help="comma-separated columns of the manifest to break results down by "
+                             "(those present are used)")
+
+
+def resolved(args, name: str):
+    """An option's value: given on the command line, else the chosen preset's."""
+    value = getattr(args, name)
+    return PRESETS[args.protocol][name] if value is None else value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--output", required=True, help="run directory (s3://... or a local path)")
     train.add_argument("--resume", action="store_true",
                        help="continue from the newest checkpoint under <output>/train/checkpoints")
-    _train_options(train)
+    _train_options(train, "paper")
     _storage_options(train)
 
     export = commands.add_parser("export", help="export a trained run to ONNX",
@@ -97,6 +130,34 @@ def build_parser() -> argparse.ArgumentParser:
                        help="most onnxruntime actors (default: sized from the cluster)")
     _storage_options(score)
 
+    evaluate = commands.add_parser(
+        "evaluate", help="score a run's val/test splits and write the evaluation report",
+        description="Score the run's validation and test splits with its ONNX model, choose the "
+                    "operating threshold on validation, report everything on test.")
+    evaluate.add_argument("--run", required=True, help="run directory (trained and exported)")
+    _evaluate_options(evaluate)
+    _storage_options(evaluate)
+
+    protocol = commands.add_parser(
+        "protocol", help="train, export and evaluate in one go (the paper's protocol by default)",
+        description="train -> export -> evaluate on one labelled dataset.")
+    protocol.add_argument("--data", required=True, help="labelled images (manifest or prefix)")
+    protocol.add_argument("--output", required=True, help="run directory")
+    _train_options(protocol, "paper")
+    _evaluate_options(protocol)
+    _storage_options(protocol)
+
+    upload = commands.add_parser(
+        "upload", help="copy a local labelled folder (metadata.csv + images) to storage",
+        description="Upload <source>/metadata.csv's images and write <dest>/manifest.csv with "
+                    "all of its columns (label, patient_id, split_group, source, ...).")
+    upload.add_argument("--source", required=True, help="folder with metadata.csv (file, label, ...)")
+    upload.add_argument("--dest", required=True, help="where to put it, e.g. s3://bucket/cxr")
+    upload.add_argument("--images", type=int,
+                        help="at most this many images, whole patient groups (default: all)")
+    upload.add_argument("--seed", type=int, default=0, help="seeds the choice of groups")
+    _storage_options(upload)
+
     demo = commands.add_parser("demo", help="the whole pipeline on a small dataset",
                                description="Upload a dataset (synthetic, or a folder with "
                                            "metadata.csv such as ../shared/data/cxr), train, "
@@ -108,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--images", type=int, default=240,
                       help="synthetic: images to make; a folder: most images to use "
                            "(whole patient groups, both classes kept)")
-    _train_options(demo, paper=False)
+    _train_options(demo, "demo")
     _storage_options(demo)
     return parser
 
@@ -121,12 +182,14 @@ def train_config_from(args, data: str, output: str, weights: str | None = None):
     from covidray.train import TrainConfig
 
     return TrainConfig(
-        data=data, output=output, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-        weights=weights or args.weights, train_layers=args.train_layers, workers=args.workers,
+        data=data, output=output, protocol=args.protocol, epochs=resolved(args, "epochs"),
+        batch_size=resolved(args, "batch_size"), lr=resolved(args, "lr"),
+        weights=weights or resolved(args, "weights"),
+        train_layers=resolved(args, "train_layers"), workers=args.workers,
         use_gpu=args.use_gpu, val_fraction=args.val_fraction, test_fraction=args.test_fraction,
-        seed=args.seed, covid_target=args.covid_target, threshold=args.threshold,
-        augment=AugmentConfig(max_rotation_degrees=args.max_rotation,
-                              flip_vertical_probability=args.flip_vertical),
+        seed=args.seed, covid_target=resolved(args, "covid_target"), threshold=args.threshold,
+        augment=AugmentConfig(max_rotation_degrees=resolved(args, "max_rotation"),
+                              flip_vertical_probability=resolved(args, "flip_vertical")),
         resume=getattr(args, "resume", False))
 
 
@@ -146,6 +209,28 @@ def run(args) -> dict:
 
         return score_archive(args.archive, args.model, args.output, storage, args.threshold,
                              args.batch_size, args.actors, args.ray_address)
+    if args.command in ("evaluate", "protocol"):
+        from covidray.report import evaluate_run
+
+        result = {}
+        run_dir = args.run if args.command == "evaluate" else args.output
+        if args.command == "protocol":
+            from covidray.export import export_run
+            from covidray.train import fit
+
+            result["train"] = fit(train_config_from(args, args.data, args.output), storage,
+                                  args.ray_address)
+            exported = export_run(args.output, storage)
+            result["export"] = {k: v for k, v in exported.items() if k != "metadata"}
+        result["evaluation"] = evaluate_run(
+            run_dir, storage, args.target_sensitivity, args.eval_output,
+            tuple(c for c in args.breakdown.split(",") if c), args.bootstrap, args.ray_address)
+        return result
+    if args.command == "upload":
+        from covidray.demo import stage_folder
+
+        storage.ensure_bucket(args.dest)
+        return {"manifest": stage_folder(storage, args.dest, args.source, args.images, args.seed)}
     from covidray.demo import run_demo
 
     return run_demo(args, storage)

@@ -98,6 +98,8 @@ def normalise_index(table: pd.DataFrame) -> pd.DataFrame:
     # Patients merged through near-duplicate images ('split_group') are the unit of splitting.
     if "split_group" in table.columns:
         out["group"] = table["split_group"].astype(str)
+    elif "group" in table.columns:  # an index written back out (e.g. a run's splits)
+        out["group"] = table["group"].astype(str)
     else:
         out["group"] = out["patient_id"] if "patient_id" in table.columns else out["uri"]
     out["split"] = table["split"].astype(object) if "split" in table.columns else None

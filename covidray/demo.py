@@ -33,9 +33,21 @@ def stage_synthetic(storage: Storage, data_uri: str, images: int, seed: int) -> 
     return _write_manifest(storage, data_uri, pd.DataFrame(rows))
 
 
-def stage_folder(storage: Storage, data_uri: str, folder: str, images: int, seed: int) -> str:
-    """Upload a subset of whole patient groups from ``folder/metadata.csv`` (both classes kept)."""
+def stage_folder(storage: Storage, data_uri: str, folder: str, images: int | None,
+                 seed: int) -> str:
+    """Upload ``folder/metadata.csv``'s images (all, or a subset of whole patient groups with
+    both classes kept) and write a manifest with every metadata column."""
     metadata = pd.read_csv(os.path.join(folder, "metadata.csv"))
+    subset = metadata if images is None else _sample_groups(metadata, images, seed)
+    uploads = []
+    for relative in subset["file"]:
+        with open(os.path.join(folder, relative), "rb") as fh:
+            uploads.append((join_uri(data_uri, relative), fh.read()))
+    _upload(storage, uploads)
+    return _write_manifest(storage, data_uri, subset)
+
+
+def _sample_groups(metadata: pd.DataFrame, images: int, seed: int) -> pd.DataFrame:
     group_column = "split_group" if "split_group" in metadata.columns else "patient_id"
     chosen = []
     natural = metadata["label"].value_counts(normalize=True)
@@ -53,15 +65,7 @@ def stage_folder(storage: Storage, data_uri: str, folder: str, images: int, seed
             taken.append(group)
             total += int(sizes[group])
         chosen.append(members[members[group_column].astype(str).isin(taken)])
-    subset = pd.concat(chosen)
-    uploads = []
-    for relative in subset["file"]:
-        with open(os.path.join(folder, relative), "rb") as fh:
-            uploads.append((join_uri(data_uri, relative), fh.read()))
-    _upload(storage, uploads)
-    keep = [c for c in ("file", "label", "patient_id", "split_group", "source", "license")
-            if c in subset.columns]
-    return _write_manifest(storage, data_uri, subset[keep])
+    return pd.concat(chosen)
 
 
 def _upload(storage: Storage, uploads: list[tuple[str, bytes]]) -> None:
@@ -106,7 +110,7 @@ def resolve_demo_weights(weights: str, storage: Storage) -> str:
 
 
 def run_demo(args, storage: Storage) -> dict:
-    from covidray.cli import train_config_from
+    from covidray.cli import resolved, train_config_from
     from covidray.export import export_run
     from covidray.scoring import score_archive
     from covidray.train import fit
@@ -119,8 +123,8 @@ def run_demo(args, storage: Storage) -> dict:
     print(f"[1/4] staging data ({args.data}) at {data_uri}")
     manifest = (stage_synthetic(storage, data_uri, args.images, args.seed) if args.data == "synthetic"
                 else stage_folder(storage, data_uri, args.data, args.images, args.seed))
-    weights = resolve_demo_weights(args.weights, storage)
-    print(f"[2/4] training ({args.epochs} epochs, weights={weights}) -> {run}")
+    weights = resolve_demo_weights(resolved(args, "weights"), storage)
+    print(f"[2/4] training ({resolved(args, 'epochs')} epochs, weights={weights}) -> {run}")
     trained = fit(train_config_from(args, manifest, run, weights), storage, args.ray_address)
     print(f"[3/4] exporting ONNX -> {RunLayout(run).onnx}")
     exported = export_run(run, storage)

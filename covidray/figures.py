@@ -48,3 +48,65 @@ def score_histogram_png(report: dict) -> bytes:
     axes.legend()
     axes.set_title("Predicted scores by true class")
     return _png(figure)
+
+
+def confusion_rates_png(rates: list[list[float | None]], threshold: float, title: str = "") -> bytes:
+    """Row-normalised confusion matrix: each true class sums to 1."""
+    values = np.asarray([[np.nan if v is None else v for v in row] for row in rates], float)
+    figure, axes = plt.subplots(figsize=(4.2, 3.6))
+    axes.imshow(values, cmap="Blues", vmin=0, vmax=1)
+    for (row, column), value in np.ndenumerate(values):
+        axes.text(column, row, "n/a" if np.isnan(value) else f"{value:.1%}", ha="center",
+                  va="center", color="white" if value > 0.5 else "black", fontsize=12)
+    axes.set_xticks([0, 1], [f"pred {n}" for n in LABELS])
+    axes.set_yticks([0, 1], [f"true {n}" for n in LABELS])
+    axes.set_title(title or f"Rates, score >= {threshold:.2f}")
+    return _png(figure)
+
+
+def roc_pr_png(scores, targets, auc: float, ap: float) -> bytes:
+    """ROC and precision-recall curves side by side."""
+    from sklearn.metrics import precision_recall_curve, roc_curve
+
+    fpr, tpr, _ = roc_curve(targets, scores)
+    precision, recall, _ = precision_recall_curve(targets, scores)
+    figure, (left, right) = plt.subplots(1, 2, figsize=(9, 4))
+    left.plot(fpr, tpr, color="tab:red")
+    left.plot([0, 1], [0, 1], ls="--", color="grey")
+    left.set(xlabel="1 - specificity", ylabel="sensitivity", title=f"ROC (AUC {auc:.3f})")
+    right.step(recall, precision, where="post", color="tab:red")
+    right.axhline(np.mean(targets), ls="--", color="grey")
+    right.set(xlabel="recall (sensitivity)", ylabel="precision", title=f"PR (AP {ap:.3f})")
+    return _png(figure)
+
+
+def calibration_png(calibration: dict) -> bytes:
+    """Reliability diagram: mean predicted score vs fraction COVID per bin."""
+    bins = [b for b in calibration["bins"] if b["images"]]
+    figure, axes = plt.subplots(figsize=(4.5, 4))
+    axes.plot([0, 1], [0, 1], ls="--", color="grey")
+    axes.plot([b["mean_score"] for b in bins], [b["fraction_covid"] for b in bins], "o-",
+              color="tab:red")
+    for b in bins:
+        axes.annotate(str(b["images"]), (b["mean_score"], b["fraction_covid"]), fontsize=7)
+    axes.set(xlabel="mean predicted COVID probability", ylabel="fraction COVID",
+             title=f"Calibration (Brier {calibration['brier']:.3f})", xlim=(0, 1), ylim=(0, 1))
+    return _png(figure)
+
+
+def histograms_by_png(frame, column: str) -> bytes:
+    """Score histograms per value of ``column`` (e.g. source), by true class."""
+    values = sorted(frame[column].astype(str).unique())
+    figure, axes_list = plt.subplots(len(values), 1, figsize=(7, 1.6 * len(values) + 0.6),
+                                     sharex=True, squeeze=False)
+    edges = np.linspace(0, 1, 41)
+    for axes, value in zip(axes_list[:, 0], values):
+        part = frame[frame[column].astype(str) == value]
+        for target, name, colour in ((0, "non_covid", "tab:blue"), (1, "covid", "tab:red")):
+            scores = part.loc[part["target"] == target, "score"]
+            if len(scores):
+                axes.hist(scores, bins=edges, alpha=0.6, color=colour, label=f"{name} ({len(scores)})")
+        axes.set_title(value, fontsize=9, loc="left")
+        axes.legend(fontsize=7)
+    axes_list[-1, 0].set_xlabel("predicted COVID probability")
+    return _png(figure)

@@ -26,8 +26,9 @@ from covidray.metrics import (PAPER_THRESHOLDS, ScoreSummary, SortedAUC, is_posi
                               metrics_report, sweep_csv, sweep_thresholds)
 from covidray.storage import Location, Storage, StorageError
 
-PREDICTION_COLUMNS = ["uri", "label", "source", "score", "prediction", "threshold"]
-ERROR_COLUMNS = ["uri", "label", "source", "error"]
+PREDICTION_COLUMNS = ["uri", "label", "source", "group", "score", "prediction", "threshold"]
+ERROR_COLUMNS = ["uri", "label", "source", "group", "error"]
+INDEX_KEEP = ["uri", "label", "source", "group"]  # what an index row carries to the outputs
 INDEX_PART_ROWS = 50_000
 
 
@@ -51,8 +52,8 @@ class OnnxScorer:
             scores[ok] = probabilities[:, self.positive]
         predicted = is_positive(np.nan_to_num(scores, nan=-1.0), self.threshold)
         prediction = np.where(ok, np.where(predicted, LABELS[1], LABELS[0]), None)
-        return {"uri": batch["uri"], "label": batch["label"], "source": batch["source"],
-                "target": batch["target"], "score": scores, "prediction": prediction.astype(object),
+        return {**{c: batch[c] for c in INDEX_KEEP}, "target": batch["target"], "score": scores,
+                "prediction": prediction.astype(object),
                 "threshold": np.full(len(ok), self.threshold), "error": batch["error"]}
 
 
@@ -63,9 +64,6 @@ def check_recipe(metadata: dict, model_uri: str) -> None:
     if json.loads(metadata["preprocessing"]) != RECIPE:
         raise ValueError(f"'{model_uri}' was trained with preprocessing {metadata['preprocessing']}"
                          f", this covidray uses {RECIPE['name']}: re-export or upgrade")
-
-
-INDEX_KEEP = ["uri", "label", "source"]
 
 
 def write_prefix_index(storage: Storage, archive: str, staging: str) -> int:

@@ -36,6 +36,7 @@ class TrainConfig:
 
     data: str
     output: str
+    protocol: str = "paper"  # the preset the values came from (see covidray.cli.PRESETS)
     epochs: int = 100
     batch_size: int = 20
     lr: float = 1e-4

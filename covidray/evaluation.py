@@ -1,0 +1,169 @@
+"""The evaluation a screening threshold is chosen from: pure functions over score tables.
+
+Inputs are the predictions tables that ``covidray score`` writes (one row per image:
+``score``, ``label``, plus ``group`` -- the patient unit -- and grouping columns such as
+``source``). The operating point is chosen on the validation table and only reported
+on the test table. Intervals: Wilson for proportions, a patient-level (cluster) bootstrap
+for AUCs.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+
+from covidray.metrics import (PAPER_THRESHOLDS, ConfusionCounts, is_positive, roc_auc,
+                              summarise)
+
+Z_95 = 1.959963984540054
+
+
+def wilson_interval(successes: int, total: int, z: float = Z_95) -> tuple[float, float] | None:
+    """95% Wilson score interval for a proportion; None when ``total`` is 0."""
+    if total == 0:
+        return None
+    p = successes / total
+    denominator = 1 + z * z / total
+    centre = (p + z * z / (2 * total)) / denominator
+    half = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / denominator
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def average_precision(scores, targets) -> float:
+    """Area under the precision-recall curve (step-wise, as scikit-learn's average precision)."""
+    scores, targets = np.asarray(scores, float), np.asarray(targets)
+    positives = int((targets == 1).sum())
+    if positives == 0:
+        return math.nan
+    order = np.argsort(-scores, kind="stable")
+    scores, targets = scores[order], targets[order]
+    distinct = np.r_[np.flatnonzero(np.diff(scores)), len(scores) - 1]  # last index of each tie
+    tp = np.cumsum(targets == 1)[distinct]
+    predicted = distinct + 1
+    recall = tp / positives
+    precision = tp / predicted
+    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
+
+
+def bootstrap_interval(frame: pd.DataFrame, statistic, replicates: int = 1000, seed: int = 0,
+                       level: float = 0.95) -> tuple[float, float] | None:
+    """Percentile interval of ``statistic(scores, targets)``, resampling patients (``group``)."""
+    groups = frame["group"].astype(str).to_numpy()
+    unique, inverse = np.unique(groups, return_inverse=True)
+    members = [np.flatnonzero(inverse == i) for i in range(len(unique))]
+    scores, targets = frame["score"].to_numpy(float), frame["target"].to_numpy()
+    rng = np.random.default_rng(seed)
+    values = []
+    for _ in range(replicates):
+        chosen = np.concatenate([members[i] for i in rng.integers(0, len(unique), len(unique))])
+        t = targets[chosen]
+        if (t == 1).any() and (t == 0).any():
+            values.append(statistic(scores[chosen], t))
+    if len(values) < replicates / 2:
+        return None
+    tail = (1 - level) / 2 * 100
+    return (float(np.percentile(values, tail)), float(np.percentile(values, 100 - tail)))
+
+
+def labelled(predictions: pd.DataFrame) -> pd.DataFrame:
+    """Scored rows with a known label, with ``target`` (1 = covid) and ``group`` columns."""
+    frame = predictions[predictions["label"].isin(["covid", "non_covid"])].copy()
+    frame["target"] = (frame["label"] == "covid").astype(int)
+    if "group" not in frame.columns:
+        frame["group"] = frame["uri"]
+    return frame.reset_index(drop=True)
+
+
+def threshold_for_sensitivity(scores, targets, target_sensitivity: float) -> float:
+    """The highest threshold whose sensitivity (score >= threshold) reaches the target."""
+    positives = np.sort(np.asarray(scores, float)[np.asarray(targets) == 1])[::-1]
+    if not len(positives):
+        raise ValueError("no COVID images in the validation set: cannot choose a threshold")
+    needed = math.ceil(target_sensitivity * len(positives) - 1e-12)
+    return float(positives[max(needed, 1) - 1])
+
+
+def counts_with_intervals(counts: ConfusionCounts) -> dict:
+    """Counts, rates and Wilson intervals at one threshold."""
+    sens_ci = wilson_interval(counts.tp, counts.tp + counts.fn)
+    spec_ci = wilson_interval(counts.tn, counts.tn + counts.fp)
+    rates = [[_rate(counts.tn, counts.tn + counts.fp), _rate(counts.fp, counts.tn + counts.fp)],
+             [_rate(counts.fn, counts.tp + counts.fn), _rate(counts.tp, counts.tp + counts.fn)]]
+    return {**_clean(counts.to_dict()), "sensitivity_ci95": sens_ci, "specificity_ci95": spec_ci,
+            "matrix": counts.matrix, "matrix_rates": rates}
+
+
+def calibration(scores, targets, bins: int = 10) -> dict:
+    """Reliability diagram data (equal-width bins) and the Brier score."""
+    scores, targets = np.asarray(scores, float), np.asarray(targets, float)
+    edges = np.linspace(0, 1, bins + 1)
+    which = np.clip(np.digitize(scores, edges[1:-1]), 0, bins - 1)
+    rows = []
+    for b in range(bins):
+        mask = which == b
+        rows.append({"bin_low": float(edges[b]), "bin_high": float(edges[b + 1]),
+                     "images": int(mask.sum()),
+                     "mean_score": float(scores[mask].mean()) if mask.any() else None,
+                     "fraction_covid": float(targets[mask].mean()) if mask.any() else None})
+    return {"brier": float(np.mean((scores - targets) ** 2)) if len(scores) else None,
+            "bins": rows}
+
+
+def breakdown(test: pd.DataFrame, column: str, threshold: float) -> list[dict]:
+    """Per value of ``column``: counts, AUC where both classes exist, and rates at the threshold."""
+    rows = []
+    for value, part in test.groupby(column, dropna=False):
+        both = part["target"].nunique() == 2
+        at = summarise(part["score"], part["target"], [threshold]).counts_at(threshold)
+        rows.append({column: str(value), "images": int(len(part)),
+                     "covid": int(part["target"].sum()),
+                     "non_covid": int((part["target"] == 0).sum()),
+                     "roc_auc": roc_auc(part["score"], part["target"]) if both else None,
+                     "sensitivity": _nan_none(at.sensitivity),
+                     "specificity": _nan_none(at.specificity),
+                     "mean_score": float(part["score"].mean())})
+    return rows
+
+
+def evaluate_split(val: pd.DataFrame, test: pd.DataFrame, target_sensitivity: float,
+                   breakdown_columns: list[str], bootstrap: int = 1000, seed: int = 0) -> dict:
+    """Everything the report shows. ``val`` and ``test`` are :func:`labelled` tables."""
+    threshold = threshold_for_sensitivity(val["score"], val["target"], target_sensitivity)
+    val_at = summarise(val["score"], val["target"], [threshold]).counts_at(threshold)
+    thresholds = sorted({*PAPER_THRESHOLDS, threshold})
+    summary = summarise(test["score"], test["target"], thresholds)
+    scores, targets = test["score"].to_numpy(float), test["target"].to_numpy()
+    return {
+        "test_images": int(len(test)), "test_covid": int(targets.sum()),
+        "test_non_covid": int((targets == 0).sum()), "test_patients": int(test["group"].nunique()),
+        "roc_auc": roc_auc(scores, targets),
+        "roc_auc_ci95": bootstrap_interval(test, roc_auc, bootstrap, seed),
+        "average_precision": average_precision(scores, targets),
+        "average_precision_ci95": bootstrap_interval(test, average_precision, bootstrap, seed),
+        "bootstrap": {"replicates": bootstrap, "unit": "patient (group)", "seed": seed},
+        "paper_thresholds": {f"{t:.2f}": counts_with_intervals(summary.counts_at(t))
+                             for t in PAPER_THRESHOLDS},
+        "operating_point": {
+            "chosen_on": "val", "target_sensitivity": target_sensitivity, "threshold": threshold,
+            "val": counts_with_intervals(val_at),
+            "test": counts_with_intervals(summary.counts_at(threshold))},
+        "calibration": calibration(scores, targets),
+        "breakdown": {column: breakdown(test, column, threshold) for column in breakdown_columns
+                      if column in test.columns},
+        "positive_rule": "score >= threshold",
+        "predicted_positive_at_threshold": int(is_positive(scores, threshold).sum()),
+    }
+
+
+def _rate(numerator: int, denominator: int):
+    return numerator / denominator if denominator else None
+
+
+def _nan_none(value):
+    return None if value is None or (isinstance(value, float) and math.isnan(value)) else value
+
+
+def _clean(row: dict) -> dict:
+    return {k: _nan_none(v) for k, v in row.items()}

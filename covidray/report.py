@@ -1,0 +1,185 @@
+"""``covidray evaluate``: score a run's validation and test splits, then write the report.
+
+The operating threshold is chosen on validation (the highest threshold reaching
+``--target-sensitivity``) and reported on test. Outputs, under ``<run>/eval`` by default::
+
+    val/, test/                    the scoring job's outputs for each split (predictions, metrics)
+    report/report.json             every figure of the report, machine-readable
+    report/summary.md              the headline tables
+    report/report.html             one self-contained page (figures embedded)
+    report/*.png                   the figures
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+
+import pandas as pd
+
+from covidray import figures
+from covidray.evaluation import evaluate_split, labelled
+from covidray.layout import RunLayout, ScoreLayout
+from covidray.metrics import PAPER_THRESHOLDS, metrics_report, summarise
+from covidray.storage import Storage, join_uri
+
+DEFAULT_BREAKDOWN = ("source", "view", "sex", "age_group")
+PAPER_TABLE_1 = {"0.10": (1.000, 0.725), "0.15": (0.976, 0.899), "0.20": (0.943, 0.919),
+                 "0.25": (0.900, 0.956)}
+
+
+def split_manifest(storage: Storage, run: str, split: str, target: str) -> str:
+    """A Parquet manifest of one split of the run (original images only, no augmented copies)."""
+    splits = pd.read_parquet(io.BytesIO(storage.read_bytes(RunLayout(run).splits)))
+    rows = splits[splits["split"] == split][["uri", "label", "source", "group"]]
+    if rows.empty:
+        raise ValueError(f"the run has no '{split}' images: train with a --{split}-fraction > 0")
+    buffer = io.BytesIO()
+    rows.to_parquet(buffer, index=False)
+    storage.write_bytes(target, buffer.getvalue())
+    return target
+
+
+def read_predictions(storage: Storage, scores: str) -> pd.DataFrame:
+    parts = [pd.read_parquet(io.BytesIO(storage.read_bytes(uri)))
+             for uri in storage.list_files(ScoreLayout(scores).predictions, (".parquet",))]
+    return pd.concat(parts, ignore_index=True)
+
+
+def evaluate_run(run: str, storage: Storage, target_sensitivity: float = 0.95,
+                 output: str | None = None, breakdown: tuple[str, ...] = DEFAULT_BREAKDOWN,
+                 bootstrap: int = 1000, ray_address: str | None = None) -> dict:
+    """Score the run's val and test splits with its ONNX model and write the report."""
+    from covidray.scoring import score_archive
+
+    output = output or join_uri(run, "eval")
+    splits = pd.read_parquet(io.BytesIO(storage.read_bytes(RunLayout(run).splits)))
+    tables = {}
+    for split in ("val", "test"):
+        manifest = split_manifest(storage, run, split, join_uri(output, f"{split}-manifest.parquet"))
+        scores = join_uri(output, split)
+        score_archive(manifest, RunLayout(run).onnx, scores, storage, ray_address=ray_address)
+        extra = [c for c in breakdown if c in splits.columns and c not in ("source",)]
+        predictions = read_predictions(storage, scores)
+        if extra:
+            predictions = predictions.merge(splits[["uri", *extra]].drop_duplicates("uri"),
+                                            on="uri", how="left")
+        tables[split] = labelled(predictions)
+    columns = [c for c in breakdown if c in tables["test"].columns]
+    result = evaluate_split(tables["val"], tables["test"], target_sensitivity, columns, bootstrap)
+    checkpoint_weights = storage.read_json(RunLayout(run).export_report)["metadata"]["weights"]
+    result.update(run=run, weights=checkpoint_weights, output=output)
+    write_report(storage, join_uri(output, "report"), result, tables["test"])
+    return headline(result)
+
+
+def headline(result: dict) -> dict:
+    operating = result["operating_point"]
+    return {"report": join_uri(result["output"], "report", "report.html"),
+            "weights": result["weights"], "test_images": result["test_images"],
+            "roc_auc": result["roc_auc"], "roc_auc_ci95": result["roc_auc_ci95"],
+            "operating_threshold": operating["threshold"],
+            "test_sensitivity": operating["test"]["sensitivity"],
+            "test_specificity": operating["test"]["specificity"]}
+
+
+def write_report(storage: Storage, directory: str, result: dict, test: pd.DataFrame) -> None:
+    scores, targets = test["score"].to_numpy(float), test["target"].to_numpy()
+    operating = result["operating_point"]
+    pngs = {
+        "roc_pr.png": figures.roc_pr_png(scores, targets, result["roc_auc"],
+                                         result["average_precision"]),
+        "score_histogram.png": figures.score_histogram_png(
+            metrics_report(summarise(scores, targets), result["roc_auc"], 0.5)),
+        "calibration.png": figures.calibration_png(result["calibration"]),
+    }
+    for column in result["breakdown"]:
+        pngs[f"histograms_by_{column}.png"] = figures.histograms_by_png(test, column)
+    for key, entry in [*result["paper_thresholds"].items(), ("operating", operating["test"])]:
+        t = entry["threshold"]
+        name = "operating" if key == "operating" else f"t{key}"
+        pngs[f"confusion_{name}_counts.png"] = figures.confusion_matrix_png(
+            entry["matrix"], t, f"{'Operating point' if key == 'operating' else 'Threshold'} "
+                                f"{t:.3f}: counts")
+        pngs[f"confusion_{name}_rates.png"] = figures.confusion_rates_png(
+            entry["matrix_rates"], t, f"{'Operating point' if key == 'operating' else 'Threshold'} "
+                                      f"{t:.3f}: rates")
+    for name, data in pngs.items():
+        storage.write_bytes(join_uri(directory, name), data, "image/png")
+    storage.write_json(join_uri(directory, "report.json"), result)
+    markdown = summary_markdown(result)
+    storage.write_bytes(join_uri(directory, "summary.md"), markdown.encode(), "text/markdown")
+    storage.write_bytes(join_uri(directory, "report.html"), report_html(result, markdown, pngs),
+                        "text/html")
+
+
+def _pct(value) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f}%"
+
+
+def _ci(interval, percent: bool = True) -> str:
+    if interval is None:
+        return "n/a"
+    lo, hi = interval
+    return f"{100 * lo:.1f}-{100 * hi:.1f}%" if percent else f"{lo:.3f}-{hi:.3f}"
+
+
+def summary_markdown(result: dict) -> str:
+    operating = result["operating_point"]
+    lines = [f"# covidray evaluation: {result['run']}", "",
+             f"Weights: {result['weights']}. Test: {result['test_images']} images "
+             f"({result['test_covid']} covid, {result['test_non_covid']} non_covid, "
+             f"{result['test_patients']} patients).", "",
+             f"ROC AUC {result['roc_auc']:.3f} (95% CI {_ci(result['roc_auc_ci95'], False)}), "
+             f"average precision {result['average_precision']:.3f} "
+             f"(95% CI {_ci(result['average_precision_ci95'], False)}); patient-level bootstrap, "
+             f"{result['bootstrap']['replicates']} replicates. Brier score "
+             f"{result['calibration']['brier']:.3f}.", "",
+             "| threshold | sensitivity (95% CI) | specificity (95% CI) | paper sens. | paper spec. |",
+             "|---|---|---|---|---|"]
+    for key, entry in result["paper_thresholds"].items():
+        paper = PAPER_TABLE_1.get(key, (None, None))
+        lines.append(f"| {key} | {_pct(entry['sensitivity'])} ({_ci(entry['sensitivity_ci95'])}) "
+                     f"| {_pct(entry['specificity'])} ({_ci(entry['specificity_ci95'])}) "
+                     f"| {_pct(paper[0])} | {_pct(paper[1])} |")
+    test, val = operating["test"], operating["val"]
+    lines += ["", f"Operating point chosen on validation for sensitivity >= "
+                  f"{operating['target_sensitivity']:.2f}: threshold {operating['threshold']:.4f} "
+                  f"(val sensitivity {_pct(val['sensitivity'])}, specificity "
+                  f"{_pct(val['specificity'])}); on test: sensitivity "
+                  f"{_pct(test['sensitivity'])} ({_ci(test['sensitivity_ci95'])}), specificity "
+                  f"{_pct(test['specificity'])} ({_ci(test['specificity_ci95'])}).", ""]
+    for column, rows in result["breakdown"].items():
+        lines += [f"## By {column}", "",
+                  f"| {column} | images | covid | non_covid | ROC AUC | sensitivity | specificity "
+                  f"| mean score |", "|---|---|---|---|---|---|---|---|"]
+        for row in rows:
+            auc = "n/a (one class)" if row["roc_auc"] is None else f"{row['roc_auc']:.3f}"
+            lines.append(f"| {row[column]} | {row['images']} | {row['covid']} | {row['non_covid']} "
+                         f"| {auc} | {_pct(row['sensitivity'])} | {_pct(row['specificity'])} "
+                         f"| {row['mean_score']:.3f} |")
+        lines.append("")
+    lines.append("Positive means score >= threshold. Sensitivity/specificity at the operating "
+                 "point use the threshold chosen on validation only.")
+    return "\n".join(lines) + "\n"
+
+
+def report_html(result: dict, markdown: str, pngs: dict[str, bytes]) -> bytes:
+    """One page: the summary tables (as preformatted Markdown) and every figure inline."""
+    images = "\n".join(
+        f'<figure><img alt="{html.escape(name)}" src="data:image/png;base64,'
+        f'{base64.b64encode(data).decode()}"><figcaption>{html.escape(name)}</figcaption></figure>'
+        for name, data in pngs.items())
+    page = f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>covidray evaluation</title>
+<style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}}
+pre{{white-space:pre-wrap;background:#f6f6f6;padding:1em}}
+figure{{display:inline-block;margin:.5em;vertical-align:top}}img{{max-width:520px}}</style>
+</head><body><h1>covidray evaluation</h1>
+<p>Run <code>{html.escape(result['run'])}</code>. Paper thresholds:
+{', '.join(f'{t:.2f}' for t in PAPER_THRESHOLDS)}.</p>
+<pre>{html.escape(markdown)}</pre>
+{images}
+</body></html>"""
+    return page.encode()

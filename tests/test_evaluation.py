@@ -1,0 +1,106 @@
+"""The evaluation report: intervals, operating point from validation, breakdowns."""
+
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn.metrics import average_precision_score, brier_score_loss, roc_auc_score
+
+from covidray.evaluation import (average_precision, bootstrap_interval, breakdown, calibration,
+                                 evaluate_split, labelled, threshold_for_sensitivity,
+                                 wilson_interval)
+from covidray.layout import RunLayout
+from covidray.metrics import is_positive
+from covidray.report import evaluate_run, read_predictions
+
+
+def frame(n=300, seed=0):
+    rng = np.random.default_rng(seed)
+    target = rng.integers(0, 2, n)
+    score = np.clip(rng.normal(0.35 + 0.3 * target, 0.2), 0, 1).round(2)  # many ties
+    return pd.DataFrame({"uri": [f"s3://b/{i}.png" for i in range(n)], "score": score,
+                         "label": np.where(target == 1, "covid", "non_covid"),
+                         "group": [f"p{i // 3}" for i in range(n)],
+                         "source": np.where(np.arange(n) % 5 == 0, "hospital-a", "hospital-b")})
+
+
+def test_wilson_interval_known_values():
+    assert wilson_interval(5, 10) == pytest.approx((0.2366, 0.7634), abs=1e-4)
+    low, high = wilson_interval(0, 10)
+    assert low == 0 and high == pytest.approx(0.2775, abs=1e-4)
+    assert wilson_interval(0, 0) is None
+
+
+def test_average_precision_matches_sklearn_with_ties():
+    data = labelled(frame())
+    assert average_precision(data["score"], data["target"]) == pytest.approx(
+        average_precision_score(data["target"], data["score"]), abs=1e-12)
+
+
+def test_threshold_for_sensitivity_is_the_highest_reaching_the_target():
+    data = labelled(frame())
+    for target in (0.8, 0.9, 0.95, 1.0):
+        t = threshold_for_sensitivity(data["score"], data["target"], target)
+        positives = data.loc[data["target"] == 1, "score"]
+        assert is_positive(positives, t).mean() >= target
+        higher = positives[positives > t]
+        if len(higher):
+            assert is_positive(positives, higher.min()).mean() < target
+
+
+def test_bootstrap_resamples_whole_patients():
+    data = labelled(frame())  # every patient has exactly 3 images
+    whole_patients = bootstrap_interval(data, lambda s, t: float(len(s) % 3 == 0), 200)
+    assert whole_patients == (1.0, 1.0)
+    low, high = bootstrap_interval(data, lambda s, t: roc_auc_score(t, s), 300)
+    assert low < roc_auc_score(data["target"], data["score"]) < high
+
+
+def test_brier_and_reliability_bins():
+    data = labelled(frame())
+    result = calibration(data["score"], data["target"])
+    assert result["brier"] == pytest.approx(brier_score_loss(data["target"], data["score"]))
+    assert sum(b["images"] for b in result["bins"]) == len(data)
+
+
+def test_breakdown_gives_auc_only_where_both_classes_exist():
+    data = labelled(frame())
+    data.loc[data["source"] == "hospital-a", "target"] = 1
+    rows = {r["source"]: r for r in breakdown(data, "source", 0.5)}
+    assert rows["hospital-a"]["roc_auc"] is None and rows["hospital-a"]["specificity"] is None
+    part = data[data["source"] == "hospital-b"]
+    assert rows["hospital-b"]["roc_auc"] == pytest.approx(roc_auc_score(part["target"], part["score"]))
+
+
+def test_operating_point_comes_from_validation_not_test():
+    val, test = labelled(frame(seed=1)), labelled(frame(seed=2))
+    result = evaluate_split(val, test, 0.9, ["source"], bootstrap=50)
+    point = result["operating_point"]
+    assert point["chosen_on"] == "val"
+    assert point["threshold"] == threshold_for_sensitivity(val["score"], val["target"], 0.9)
+    assert point["val"]["sensitivity"] >= 0.9
+    test_at = is_positive(test.loc[test["target"] == 1, "score"], point["threshold"]).mean()
+    assert point["test"]["sensitivity"] == pytest.approx(test_at)
+
+
+def test_evaluate_run_writes_a_report_that_matches_its_predictions(storage, trained_run,
+                                                                   ray_local):
+    output = f"{trained_run['root']}/eval"
+    headline = evaluate_run(trained_run["run"], storage, 0.9, output, bootstrap=100)
+    report = storage.read_json(f"{output}/report/report.json")
+    test = labelled(read_predictions(storage, f"{output}/test"))
+    val = labelled(read_predictions(storage, f"{output}/val"))
+    assert set(test["group"]).isdisjoint(val["group"])  # patient-disjoint splits
+    assert report["roc_auc"] == pytest.approx(roc_auc_score(test["target"], test["score"]))
+    assert report["operating_point"]["threshold"] == threshold_for_sensitivity(
+        val["score"], val["target"], 0.9)
+    for key, entry in report["paper_thresholds"].items():
+        predicted = is_positive(test["score"], float(key))
+        assert entry["tp"] == int((predicted & (test["target"] == 1)).sum())
+        assert entry["fp"] == int((predicted & (test["target"] == 0)).sum())
+    assert headline["weights"].startswith("random initialisation")
+    page = storage.read_bytes(f"{output}/report/report.html").decode()
+    assert page.count("data:image/png;base64,") >= 10
+    summary = storage.read_bytes(f"{output}/report/summary.md").decode()
+    assert "| 0.15 |" in summary and "## By source" in summary
+    assert storage.read_bytes(f"{output}/report/calibration.png").startswith(b"\x89PNG")
+    assert RunLayout(trained_run["run"]).onnx  # the run's own model scored both splits
