@@ -68,6 +68,9 @@ def _train_options(parser: argparse.ArgumentParser, protocol: str) -> None:
                              "copies (paper: 450; 0 = no copies)")
     parser.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
                         help="operating threshold stored in the model (COVID if score >= it)")
+    parser.add_argument("--checkpoint-every", type=int, default=0,
+                        help="epochs between checkpoints (default: every epoch when all layers "
+                             "train, every 10 for a head on cached features; always the last)")
     parser.add_argument("--max-rotation", type=int, help="augmentation: largest rotation, degrees")
     parser.add_argument("--flip-vertical", type=float,
                         help="augmentation: probability of a vertical flip (paper: 0.5)")
@@ -188,6 +191,7 @@ def train_config_from(args, data: str, output: str, weights: str | None = None):
         train_layers=resolved(args, "train_layers"), workers=args.workers,
         use_gpu=args.use_gpu, val_fraction=args.val_fraction, test_fraction=args.test_fraction,
         seed=args.seed, covid_target=resolved(args, "covid_target"), threshold=args.threshold,
+        checkpoint_every=args.checkpoint_every,
         augment=AugmentConfig(max_rotation_degrees=resolved(args, "max_rotation"),
                               flip_vertical_probability=resolved(args, "flip_vertical")),
         resume=getattr(args, "resume", False))

@@ -76,6 +76,19 @@ def labelled(predictions: pd.DataFrame) -> pd.DataFrame:
     return frame.reset_index(drop=True)
 
 
+def with_columns(predictions: pd.DataFrame, index: pd.DataFrame, columns) -> pd.DataFrame:
+    """Predictions joined (on ``uri``) with the index's grouping ``columns`` that it lacks;
+    a missing value becomes its own group, ``"unknown"``."""
+    extra = [c for c in columns if c in index.columns and c not in predictions.columns]
+    if extra:
+        predictions = predictions.merge(index[["uri", *extra]].drop_duplicates("uri"),
+                                        on="uri", how="left")
+    present = [c for c in columns if c in predictions.columns]
+    predictions = predictions.copy()
+    predictions[present] = predictions[present].astype(object).fillna("unknown").astype(str)
+    return predictions
+
+
 def threshold_for_sensitivity(scores, targets, target_sensitivity: float) -> float:
     """The highest threshold whose sensitivity (score >= threshold) reaches the target."""
     positives = np.sort(np.asarray(scores, float)[np.asarray(targets) == 1])[::-1]

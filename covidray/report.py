@@ -19,7 +19,7 @@ import io
 import pandas as pd
 
 from covidray import figures
-from covidray.evaluation import evaluate_split, labelled
+from covidray.evaluation import evaluate_split, labelled, with_columns
 from covidray.layout import RunLayout, ScoreLayout
 from covidray.metrics import PAPER_THRESHOLDS, metrics_report, summarise
 from covidray.storage import Storage, join_uri
@@ -60,12 +60,7 @@ def evaluate_run(run: str, storage: Storage, target_sensitivity: float = 0.95,
         manifest = split_manifest(storage, run, split, join_uri(output, f"{split}-manifest.parquet"))
         scores = join_uri(output, split)
         score_archive(manifest, RunLayout(run).onnx, scores, storage, ray_address=ray_address)
-        extra = [c for c in breakdown if c in splits.columns and c not in ("source",)]
-        predictions = read_predictions(storage, scores)
-        if extra:
-            predictions = predictions.merge(splits[["uri", *extra]].drop_duplicates("uri"),
-                                            on="uri", how="left")
-        tables[split] = labelled(predictions)
+        tables[split] = labelled(with_columns(read_predictions(storage, scores), splits, breakdown))
     columns = [c for c in breakdown if c in tables["test"].columns]
     result = evaluate_split(tables["val"], tables["test"], target_sensitivity, columns, bootstrap)
     checkpoint_weights = storage.read_json(RunLayout(run).export_report)["metadata"]["weights"]

@@ -49,6 +49,8 @@ class TrainConfig:
     seed: int = 0
     covid_target: int = 0  # grow the COVID training class to this many images (augmented copies)
     threshold: float = DEFAULT_THRESHOLD  # operating threshold stored in the model
+    checkpoint_every: int = 0  # epochs between checkpoints; 0 = auto (1 when all layers train,
+    #                            10 for a head on cached features); the last epoch always is
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     resume: bool = False
 
@@ -172,8 +174,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
         metrics["epoch_seconds"] = round(time.time() - started, 2)
         history.append(metrics)
         checkpoint = None
+        every = config.checkpoint_every or (10 if cached else 1)
+        due = (epoch + 1) % every == 0 or epoch + 1 == config.epochs
         with tempfile.TemporaryDirectory() as tmp:
-            if rank == 0:  # one copy of the checkpoint, written by rank 0 only
+            if rank == 0 and due:  # one copy of the checkpoint, written by rank 0 only
                 state = make_checkpoint(model, optimizer, epoch, config, history,
                                         loop_config["weights_note"])
                 with open(os.path.join(tmp, CHECKPOINT_FILE), "wb") as fh:
@@ -238,7 +242,9 @@ def cache_features(datasets: dict, weights: str, storage: Storage, plan, layout:
                                    "threads": plan.feature_threads},
             compute=ray.data.ActorPoolStrategy(min_size=1, max_size=plan.scoring_actors),
         ).write_parquet(target.fs_path, filesystem=storage.filesystem(target))
-        cached[name] = ray.data.read_parquet(target.fs_path, filesystem=storage.filesystem(target))
+        # Small (2 KB an image): hold them in the object store, so epochs do not re-read storage.
+        cached[name] = ray.data.read_parquet(target.fs_path,
+                                             filesystem=storage.filesystem(target)).materialize()
         print(f"backbone features for {name}: {cached[name].count()} images in "
               f"{time.time() - started:.1f} s -> {target.uri}")
     return cached

@@ -7,7 +7,8 @@ from sklearn.metrics import average_precision_score, brier_score_loss, roc_auc_s
 
 from covidray.evaluation import (average_precision, bootstrap_interval, breakdown, calibration,
                                  evaluate_split, labelled, threshold_for_sensitivity,
-                                 wilson_interval)
+                                 wilson_interval, with_columns)
+from covidray.figures import histograms_by_png
 from covidray.layout import RunLayout
 from covidray.metrics import is_positive
 from covidray.report import evaluate_run, read_predictions
@@ -69,6 +70,15 @@ def test_breakdown_gives_auc_only_where_both_classes_exist():
     assert rows["hospital-a"]["roc_auc"] is None and rows["hospital-a"]["specificity"] is None
     part = data[data["source"] == "hospital-b"]
     assert rows["hospital-b"]["roc_auc"] == pytest.approx(roc_auc_score(part["target"], part["score"]))
+
+
+def test_grouping_columns_join_from_the_index_and_missing_values_form_a_group():
+    predictions = frame(6)
+    index = pd.DataFrame({"uri": predictions["uri"], "sex": ["F", "M", None, "F", np.nan, "M"]})
+    joined = labelled(with_columns(predictions, index, ["source", "sex", "absent"]))
+    assert sorted(joined["sex"].unique()) == ["F", "M", "unknown"]
+    assert histograms_by_png(joined, "sex").startswith(b"\x89PNG")
+    assert {r["sex"] for r in breakdown(joined, "sex", 0.5)} == {"F", "M", "unknown"}
 
 
 def test_operating_point_comes_from_validation_not_test():

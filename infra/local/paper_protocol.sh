@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Real chest X-rays, the paper's protocol, end to end on the local services:
+#   infra/local/paper_protocol.sh [--data-dir ../shared/data/cxr] [--name NAME] [protocol options]
+# uploads the folder (metadata.csv + images) to s3://covidray-cxr/data, then submits one Ray
+# job: train (paper preset unless options say otherwise) -> export -> evaluate, writing
+# s3://covidray-cxr/runs/NAME/ (report: .../eval/report/report.html and summary.md).
+# Example (what the README's tables came from; ImageNet weights are not reachable here):
+#   infra/local/paper_protocol.sh --name paper-random --weights none
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+DATA_DIR=../shared/data/cxr
+NAME=paper
+ARGS=()
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --data-dir) DATA_DIR="$2"; shift 2 ;;
+    --name) NAME="$2"; shift 2 ;;
+    *) ARGS+=("$1"); shift ;;
+  esac
+done
+infra/local/setup.sh
+infra/local/up.sh
+source .local/env.sh
+source .venv/bin/activate
+if ! covidray upload --help >/dev/null; then exit 1; fi
+python -c "from covidray.storage import Storage; import sys; sys.exit(0 if Storage().exists('s3://covidray-cxr/data/manifest.csv') else 1)" \
+  || covidray upload --source "$DATA_DIR" --dest s3://covidray-cxr/data
+RUNTIME_ENV=$(python - <<'PY'
+import json, os
+keys = ["AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION",
+        "AWS_EC2_METADATA_DISABLED"]
+print(json.dumps({"env_vars": {k: os.environ[k] for k in keys}}))
+PY
+)
+ray job submit --address "$COVIDRAY_RAY_DASHBOARD" --working-dir . --runtime-env-json "$RUNTIME_ENV" \
+  -- python jobs/protocol.py --data s3://covidray-cxr/data/manifest.csv \
+     --output "s3://covidray-cxr/runs/$NAME" "${ARGS[@]}"
