@@ -82,7 +82,7 @@ def _write_manifest(storage: Storage, data_uri: str, frame: pd.DataFrame) -> str
 def stage_test_archive(storage: Storage, workdir: str, run: str) -> str:
     """A manifest of the run's test split plus three unreadable files; returns its URI."""
     splits = pd.read_parquet(io.BytesIO(storage.read_bytes(RunLayout(run).splits)))
-    test = splits[splits["split"] == "test"][["uri", "label", "source"]]
+    test = splits[splits["split"] == "test"][["uri", "label", "source", "group"]]
     sample = storage.read_bytes(test["uri"].iloc[0])
     contents = {"truncated.jpg": sample[: max(1, len(sample) // 3)], "empty.png": b"",
                 "not-an-image.png": b"this is a text file, not an X-ray\n"}

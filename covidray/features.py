@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from covidray.datasets import model_inputs
-from covidray.model import build_model, head
+from covidray.model import head, initial_model
 from covidray.storage import Storage
 
 FEATURE_COLUMNS = ["uri", "copy", "target", "error", "features"]
@@ -38,9 +38,9 @@ def extract_features(model: nn.Module, inputs: np.ndarray) -> np.ndarray:
 class BackboneFeatures:
     """Ray Data callable: loaded image batch -> the same rows with ``features`` instead of pixels."""
 
-    def __init__(self, weights: str, storage: Storage, threads: int = 1):
+    def __init__(self, weights: str, seed: int, storage: Storage, threads: int = 1):
         torch.set_num_threads(threads)
-        self.model = build_model(weights, storage).eval()
+        self.model = initial_model(weights, seed, storage).eval()
         self.width = head(self.model).in_features
 
     def __call__(self, batch: dict) -> dict:

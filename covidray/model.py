@@ -46,6 +46,13 @@ def build_model(weights: str = "none", storage: Storage | None = None) -> nn.Mod
     return model
 
 
+def initial_model(weights: str, seed: int, storage: Storage | None = None) -> nn.Module:
+    """The run's starting model: the same in every process that builds it for one run
+    (the seed fixes the random head, and the backbone too when ``weights`` is ``none``)."""
+    torch.manual_seed(seed)
+    return build_model(weights, storage)
+
+
 def load_weights(weights: str, storage: Storage | None = None) -> dict | None:
     if weights == "none":
         return None

@@ -26,7 +26,7 @@ from covidray.datasets import (INDEX_COLUMNS, POSITIVE_LABEL, assign_splits, gro
 from covidray.layout import CHECKPOINT_FILE, RunLayout
 from covidray.metrics import DEFAULT_THRESHOLD, roc_auc, summarise
 from covidray.model import (build_model, checkpoint_bytes, covid_probability, freeze_for, head,
-                            load_checkpoint, set_train_mode)
+                            initial_model, load_checkpoint, set_train_mode)
 from covidray.storage import Location, Storage
 
 
@@ -138,10 +138,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
     config = TrainConfig.from_dict(loop_config["config"])
     storage: Storage = loop_config["storage"]
     torch.set_num_threads(min(loop_config["torch_threads"], os.cpu_count() or 1))
-    torch.manual_seed(config.seed)
     device = ray.train.torch.get_device()
 
-    model = freeze_for(build_model(config.weights, storage), config.train_layers)
+    # The same starting model the feature actors built: their features fit its backbone.
+    model = freeze_for(initial_model(config.weights, config.seed, storage), config.train_layers)
     # On cached features the loop trains the head alone; otherwise the whole model (with
     # the layers freeze_for froze left untouched). Same parameters, same optimizer state.
     cached = loop_config["cached_features"]
@@ -225,7 +225,8 @@ def training_datasets(train_index, val_index, storage: Storage, augmenter,
     return datasets
 
 
-def cache_features(datasets: dict, weights: str, storage: Storage, plan, layout: RunLayout) -> dict:
+def cache_features(datasets: dict, config: TrainConfig, storage: Storage, plan,
+                   layout: RunLayout) -> dict:
     """Run each image dataset through the frozen backbone once; store and return the features."""
     import ray.data
 
@@ -238,8 +239,8 @@ def cache_features(datasets: dict, weights: str, storage: Storage, plan, layout:
         storage.delete_prefix(target.uri)
         images.map_batches(
             BackboneFeatures, batch_format="numpy", batch_size=32, num_cpus=plan.data_cpus,
-            fn_constructor_kwargs={"weights": weights, "storage": storage,
-                                   "threads": plan.feature_threads},
+            fn_constructor_kwargs={"weights": config.weights, "seed": config.seed,
+                                   "storage": storage, "threads": plan.feature_threads},
             compute=ray.data.ActorPoolStrategy(min_size=1, max_size=plan.scoring_actors),
         ).write_parquet(target.fs_path, filesystem=storage.filesystem(target))
         # Small (2 KB an image): hold them in the object store, so epochs do not re-read storage.
@@ -293,7 +294,7 @@ def fit(config: TrainConfig, storage: Storage, ray_address: str | None = None) -
                                  Augmenter(config.augment, config.seed), plan.data_cpus)
     cached = config.train_layers == "fc"
     if cached:  # a frozen backbone: compute its features once, train the head on them
-        datasets = cache_features(datasets, config.weights, storage, plan, layout)
+        datasets = cache_features(datasets, config, storage, plan, layout)
 
     resume_from = None
     if config.resume:

@@ -14,7 +14,8 @@ from covidray.export import (ExportParityError, export_onnx, model_metadata, onn
 from covidray.images import RECIPE, preprocess
 from covidray.layout import RunLayout, ScoreLayout
 from covidray.metrics import is_positive
-from covidray.model import build_model, load_checkpoint, model_from_checkpoint
+from covidray.features import extract_features
+from covidray.model import build_model, initial_model, load_checkpoint, model_from_checkpoint
 from covidray.scoring import archive_index, loaded_images, score_archive
 from covidray.storage import StorageError
 from covidray.synthetic import encode, synthetic_xray
@@ -44,10 +45,16 @@ def test_frozen_backbone_run_trains_on_stored_features(storage, trained_run):
         assert len(features) and np.asarray(features["features"].iloc[0]).shape == (512,)
     assert (read_parquet_dir(storage, layout.features("train"))["copy"] > 0).any()  # grown COVID
     checkpoint = load_checkpoint(storage, layout.model_checkpoint)
-    torch.manual_seed(trained_run["config"].seed)  # the worker's initialisation
-    start = build_model("none")
+    start = initial_model("none", trained_run["config"].seed)
     assert torch.equal(checkpoint["model"]["layer4.1.conv2.weight"], start.layer4[1].conv2.weight)
     assert not torch.equal(checkpoint["model"]["fc.weight"], start.fc.weight)
+    # The stored features are what the final model's backbone makes of those images, so
+    # the head trained on them is the head the exported model applies.
+    features = read_parquet_dir(storage, layout.features("val"))
+    model = model_from_checkpoint(checkpoint)
+    for row in features.head(3).itertuples():
+        expected = extract_features(model, preprocess(storage.read_bytes(row.uri)))[0]
+        assert np.abs(np.asarray(row.features) - expected).max() < 1e-4
 
 
 def test_resume_continues_from_the_latest_checkpoint(storage, trained_run):
