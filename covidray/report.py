@@ -96,10 +96,10 @@ def write_report(storage: Storage, directory: str, result: dict, test: pd.DataFr
         name = "operating" if key == "operating" else f"t{key}"
         pngs[f"confusion_{name}_counts.png"] = figures.confusion_matrix_png(
             entry["matrix"], t, f"{'Operating point' if key == 'operating' else 'Threshold'} "
-                                f"{t:.3f}: counts")
+                                f"{t:.3g}: counts")
         pngs[f"confusion_{name}_rates.png"] = figures.confusion_rates_png(
             entry["matrix_rates"], t, f"{'Operating point' if key == 'operating' else 'Threshold'} "
-                                      f"{t:.3f}: rates")
+                                      f"{t:.3g}: rates")
     for name, data in pngs.items():
         storage.write_bytes(join_uri(directory, name), data, "image/png")
     storage.write_json(join_uri(directory, "report.json"), result)
@@ -140,7 +140,7 @@ def summary_markdown(result: dict) -> str:
                      f"| {_pct(paper[0])} | {_pct(paper[1])} |")
     test, val = operating["test"], operating["val"]
     lines += ["", f"Operating point chosen on validation for sensitivity >= "
-                  f"{operating['target_sensitivity']:.2f}: threshold {operating['threshold']:.4f} "
+                  f"{operating['target_sensitivity']:.2f}: threshold {operating['threshold']:.4g} "
                   f"(val sensitivity {_pct(val['sensitivity'])}, specificity "
                   f"{_pct(val['specificity'])}); on test: sensitivity "
                   f"{_pct(test['sensitivity'])} ({_ci(test['sensitivity_ci95'])}), specificity "
@@ -153,7 +153,7 @@ def summary_markdown(result: dict) -> str:
             auc = "n/a (one class)" if row["roc_auc"] is None else f"{row['roc_auc']:.3f}"
             lines.append(f"| {row[column]} | {row['images']} | {row['covid']} | {row['non_covid']} "
                          f"| {auc} | {_pct(row['sensitivity'])} | {_pct(row['specificity'])} "
-                         f"| {row['mean_score']:.3f} |")
+                         f"| {row['mean_score']:.3g} |")
         lines.append("")
     lines.append("Positive means score >= threshold. Sensitivity/specificity at the operating "
                  "point use the threshold chosen on validation only.")

@@ -1,6 +1,5 @@
 """Training the head on cached backbone features gives the head the image loop gives."""
 
-import numpy as np
 import pytest
 import torch
 from torch import nn

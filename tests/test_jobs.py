@@ -15,7 +15,9 @@ pytestmark = pytest.mark.cluster
 @pytest.fixture(scope="module")
 def ray_cluster(tmp_path_factory, s3_env):
     directory = str(tmp_path_factory.mktemp("ray-head"))
-    address = ray_head.start(directory, port=free_port(), dashboard_port=free_port(), num_cpus=2)
+    # Free ports throughout, so a developer's own local head can keep running beside it.
+    address = ray_head.start(directory, port=free_port(), dashboard_port=free_port(), num_cpus=2,
+                             client_port=free_port(), agent_port=free_port())
     yield address
     ray_head.stop(directory)
 

@@ -18,24 +18,19 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
 import urllib.request
 
+from pidfile import record, running_pid, stop_recorded
+
 DEFAULT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", ".local", "ray")
 AUTH_MODE = "disabled"
 
 
-def _pid(directory: str) -> int | None:
-    try:
-        with open(os.path.join(directory, "ray.pid")) as fh:
-            pid = int(fh.read().strip())
-        os.kill(pid, 0)
-        return pid
-    except (OSError, ValueError):
-        return None
+def _pid_file(directory: str) -> str:
+    return os.path.join(directory, "ray.pid")
 
 
 def dashboard_up(dashboard_port: int) -> bool:
@@ -47,15 +42,17 @@ def dashboard_up(dashboard_port: int) -> bool:
 
 
 def start(directory: str = DEFAULT_DIR, port: int = 6380, dashboard_port: int = 8265,
-          num_cpus: int | None = None, env: dict | None = None, timeout: float = 90) -> str:
+          num_cpus: int | None = None, env: dict | None = None, timeout: float = 90,
+          client_port: int = 10001, agent_port: int = 52365) -> str:
     """Start the head (or find it running); returns the dashboard address for ``ray job submit``."""
     directory = os.path.abspath(directory)
     address = f"http://127.0.0.1:{dashboard_port}"
-    if _pid(directory):
+    pid = running_pid(_pid_file(directory))
+    if pid:
         if dashboard_up(dashboard_port):
             return address
-        raise SystemExit(f"a Ray head (PID {_pid(directory)}) from {directory} runs but its "
-                         "dashboard does not answer: run `stop` first")
+        raise SystemExit(f"a Ray head (PID {pid}) from {directory} runs but its dashboard does "
+                         "not answer: run `stop` first")
     if dashboard_up(dashboard_port):
         raise SystemExit(f"another Ray dashboard already answers on port {dashboard_port}: "
                          "stop it or pick --dashboard-port")
@@ -71,6 +68,8 @@ def start(directory: str = DEFAULT_DIR, port: int = 6380, dashboard_port: int = 
     command = [ray_binary, "start", "--head", "--block", f"--port={port}",
                "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
                f"--dashboard-port={dashboard_port}", f"--num-cpus={num_cpus}",
+               f"--ray-client-server-port={client_port}",
+               f"--dashboard-agent-listen-port={agent_port}",
                "--disable-usage-stats", "--include-dashboard=true"]
     child_env = {**os.environ, "RAY_AUTH_MODE": AUTH_MODE,
                  "PATH": f"{python_bin}{os.pathsep}{os.environ.get('PATH', '')}", **(env or {})}
@@ -78,8 +77,7 @@ def start(directory: str = DEFAULT_DIR, port: int = 6380, dashboard_port: int = 
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT,
                                    stdin=subprocess.DEVNULL, env=child_env,
                                    start_new_session=True)
-    with open(os.path.join(directory, "ray.pid"), "w") as fh:
-        fh.write(str(process.pid))
+    record(_pid_file(directory), process.pid)
     deadline = time.time() + timeout
     while time.time() < deadline:
         if process.poll() is not None:
@@ -94,21 +92,7 @@ def start(directory: str = DEFAULT_DIR, port: int = 6380, dashboard_port: int = 
 def stop(directory: str = DEFAULT_DIR, timeout: float = 30) -> bool:
     """Stop the head that ``start`` recorded in ``directory``; True if one was running."""
     directory = os.path.abspath(directory)
-    pid = _pid(directory)
-    if pid is None:
-        return False
-    os.kill(pid, signal.SIGTERM)  # `ray start --block` ends the processes it started
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            os.kill(pid, 0)
-            time.sleep(0.2)
-        except OSError:
-            break
-    else:
-        os.killpg(pid, signal.SIGKILL)
-    os.unlink(os.path.join(directory, "ray.pid"))
-    return True
+    return stop_recorded(_pid_file(directory), whole_group=False)  # `ray start --block` ends what it started
 
 
 def main(argv=None) -> None:

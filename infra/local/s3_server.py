@@ -18,11 +18,12 @@ import json
 import os
 import secrets
 import shutil
-import signal
 import socket
 import subprocess
 import sys
 import time
+
+from pidfile import record, running_pid, stop_recorded
 
 DEFAULT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", ".local", "s3")
 DEFAULT_PORT = 8333
@@ -65,14 +66,8 @@ def environment(directory: str, port: int) -> dict:
             "AWS_EC2_METADATA_DISABLED": "true"}
 
 
-def _pid(directory: str) -> int | None:
-    try:
-        with open(os.path.join(directory, "weed.pid")) as fh:
-            pid = int(fh.read().strip())
-        os.kill(pid, 0)
-        return pid
-    except (OSError, ValueError):
-        return None
+def _pid_file(directory: str) -> str:
+    return os.path.join(directory, "weed.pid")
 
 
 def _port_open(port: int) -> bool:
@@ -120,11 +115,12 @@ def start(directory: str = DEFAULT_DIR, port: int = DEFAULT_PORT, timeout: float
     """Start the server (or find it running); returns its client environment."""
     directory = os.path.abspath(directory)
     env = environment(directory, port)
-    if _pid(directory):
+    pid = running_pid(_pid_file(directory))
+    if pid:
         if _ready(env):
             return env
-        raise SystemExit(f"a weed process (PID {_pid(directory)}) from {directory} runs but does "
-                         "not answer: run `stop` first")
+        raise SystemExit(f"a weed process (PID {pid}) from {directory} runs but does not "
+                         "answer: run `stop` first")
     if _port_open(port):
         raise SystemExit(f"port {port} on 127.0.0.1 is taken by another process: pick --port")
     data, logs = os.path.join(directory, "data"), os.path.join(directory, "logs")
@@ -145,8 +141,7 @@ def start(directory: str = DEFAULT_DIR, port: int = DEFAULT_PORT, timeout: float
     with open(os.path.join(logs, "weed.out"), "ab") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT,
                                    stdin=subprocess.DEVNULL, start_new_session=True)
-    with open(os.path.join(directory, "weed.pid"), "w") as fh:
-        fh.write(str(process.pid))
+    record(_pid_file(directory), process.pid)
     deadline = time.time() + timeout
     while time.time() < deadline:
         if process.poll() is not None:
@@ -161,20 +156,7 @@ def start(directory: str = DEFAULT_DIR, port: int = DEFAULT_PORT, timeout: float
 def stop(directory: str = DEFAULT_DIR) -> bool:
     """Stop the server that ``start`` recorded in ``directory``; True if one was running."""
     directory = os.path.abspath(directory)
-    pid = _pid(directory)
-    if pid is None:
-        return False
-    os.killpg(pid, signal.SIGTERM)
-    for _ in range(50):
-        try:
-            os.kill(pid, 0)
-            time.sleep(0.1)
-        except OSError:
-            break
-    else:
-        os.killpg(pid, signal.SIGKILL)
-    os.unlink(os.path.join(directory, "weed.pid"))
-    return True
+    return stop_recorded(_pid_file(directory), whole_group=True)  # weed's whole process group
 
 
 def main(argv=None) -> None:
