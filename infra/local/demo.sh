@@ -7,7 +7,13 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 infra/local/setup.sh
 infra/local/up.sh
-infra/local/submit.sh jobs/demo.py "$@"
+# The job runs from its own copy of the working dir: hand it absolute paths to local data.
+ARGS=()
+while [ $# -gt 0 ]; do
+  if [ "$1" = "--data" ] && [ -d "${2:-}" ]; then ARGS+=(--data "$(realpath "$2")"); shift 2
+  else ARGS+=("$1"); shift; fi
+done
+infra/local/submit.sh jobs/demo.py "${ARGS[@]}"
 source .local/env.sh
 echo "Everything the demo wrote is under s3://covidray-demo at $AWS_ENDPOINT_URL;" \
      "source .local/env.sh to reach it (credentials in .local/s3/credentials.json)." >&2

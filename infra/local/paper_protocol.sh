@@ -20,18 +20,8 @@ while [ $# -gt 0 ]; do
 done
 infra/local/setup.sh
 infra/local/up.sh
-source .local/env.sh
-source .venv/bin/activate
-if ! covidray upload --help >/dev/null; then exit 1; fi
-python -c "from covidray.storage import Storage; import sys; sys.exit(0 if Storage().exists('s3://covidray-cxr/data/manifest.csv') else 1)" \
-  || covidray upload --source "$DATA_DIR" --dest s3://covidray-cxr/data
-RUNTIME_ENV=$(python - <<'PY'
-import json, os
-keys = ["AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION",
-        "AWS_EC2_METADATA_DISABLED"]
-print(json.dumps({"env_vars": {k: os.environ[k] for k in keys}}))
-PY
-)
-ray job submit --address "$COVIDRAY_RAY_DASHBOARD" --working-dir . --runtime-env-json "$RUNTIME_ENV" \
-  -- python jobs/protocol.py --data s3://covidray-cxr/data/manifest.csv \
-     --output "s3://covidray-cxr/runs/$NAME" "${ARGS[@]}"
+source .local/env.sh  # the local S3 settings for the upload
+.venv/bin/python -c "from covidray.storage import Storage; import sys; sys.exit(0 if Storage().exists('s3://covidray-cxr/data/manifest.csv') else 1)" \
+  || .venv/bin/covidray upload --source "$DATA_DIR" --dest s3://covidray-cxr/data
+infra/local/submit.sh jobs/protocol.py --data s3://covidray-cxr/data/manifest.csv \
+  --output "s3://covidray-cxr/runs/$NAME" "${ARGS[@]}"
