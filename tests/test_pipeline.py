@@ -198,3 +198,17 @@ def test_training_refuses_unlabelled_images(storage, prefix, ray_local):
     with pytest.raises(ValueError, match="have no label"):
         fit(TrainConfig(data=f"{prefix}/data", output=f"{prefix}/run", epochs=1, weights="none"),
             storage)
+
+
+def test_two_training_workers_split_the_training_data(storage, prefix, ray_local):
+    manifest = upload_synthetic(storage, f"{prefix}/data", 8, 8)
+    config = TrainConfig(data=manifest, output=f"{prefix}/run", epochs=1, batch_size=4,
+                         lr=1e-3, weights="none", workers=2, val_fraction=0.25,
+                         test_fraction=0.0, train_layers="all")
+    summary = fit(config, storage)
+    history = load_checkpoint(storage, RunLayout(config.output).model_checkpoint)["history"]
+    train_rows = (pd.read_parquet(io.BytesIO(storage.read_bytes(RunLayout(config.output).splits)))
+                  ["split"] == "train").sum()
+    # rank 0 saw its shard only: about half of the training images, never all of them
+    assert 0 < history[0]["train_images"] < train_rows
+    assert summary["epochs"] == 1
