@@ -127,6 +127,8 @@ def score_archive(archive: str, model_uri: str, output: str, storage: Storage,
         raise StorageError(f"model '{model_uri}' not found: run `covidray export` first or fix --model")
     # Load once here so a bad model fails before any work is scheduled.
     threshold = OnnxScorer(model_uri, storage, threshold).threshold
+    # A re-run unpublishes the previous result first: readers wait for the new marker.
+    storage.delete(layout.success)
 
     ray = connect_ray(ray_address)
     import ray.data

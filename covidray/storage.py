@@ -305,6 +305,14 @@ class Storage:
                     if wanted is None or name.lower().endswith(wanted):
                         yield os.path.join(root, name)
 
+    def delete(self, uri: str) -> None:
+        """Delete one object if it exists."""
+        location = _as_location(uri)
+        if location.is_s3:
+            self.client().delete_object(Bucket=location.bucket, Key=location.key)
+        elif os.path.exists(location.key):
+            os.unlink(location.key)
+
     def delete_prefix(self, uri: str) -> int:
         """Delete every object under ``uri``; returns how many."""
         location = _as_location(uri)

@@ -30,7 +30,10 @@ def test_round_trip_list_and_delete(storage, prefix):
     assert list(storage.list_files(prefix, (".png", ".jpg"))) == [f"{prefix}/a/c.jpg",
                                                                   f"{prefix}/b.png"]
     assert storage.exists(f"{prefix}/b.png") and not storage.exists(f"{prefix}/zz.png")
-    assert storage.delete_prefix(prefix) == 3
+    storage.delete(f"{prefix}/b.png")
+    storage.delete(f"{prefix}/never-written.png")  # deleting what is absent is no error
+    assert not storage.exists(f"{prefix}/b.png")
+    assert storage.delete_prefix(prefix) == 2
     assert list(storage.list_files(prefix)) == []
 
 
