@@ -110,7 +110,7 @@ def normalise_index(table: pd.DataFrame) -> pd.DataFrame:
     return pd.concat([out, table[extra].reset_index(drop=True)], axis=1) if extra else out
 
 
-def _unit_hash(seed: int, key: str) -> float:
+def unit_hash(seed: int, key: str) -> float:
     digest = hashlib.sha256(f"{seed}:{key}".encode()).digest()
     return int.from_bytes(digest[:8], "little") / 2**64
 
@@ -131,7 +131,7 @@ def assign_splits(index: pd.DataFrame, val_fraction: float, test_fraction: float
         lambda s: s.mode().iloc[0] if s.notna().any() else "")
     assignment: dict[str, str] = {}
     for _, members in groups.groupby(groups):
-        ordered = sorted(members.index, key=lambda g: _unit_hash(seed, g))
+        ordered = sorted(members.index, key=lambda g: unit_hash(seed, g))
         n_test = int(round(test_fraction * len(ordered)))
         n_val = int(round(val_fraction * len(ordered)))
         for position, group in enumerate(ordered):

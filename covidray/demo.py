@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pandas as pd
 
-from covidray.datasets import LABELS, _unit_hash
+from covidray.datasets import LABELS, unit_hash
 from covidray.layout import RunLayout, ScoreLayout
 from covidray.model import WeightsUnavailable, load_weights
 from covidray.storage import Storage, join_uri
@@ -56,7 +56,7 @@ def _sample_groups(metadata: pd.DataFrame, images: int, seed: int) -> pd.DataFra
             natural.get("covid", 0.0), 0.3)
         budget = int(images * share)
         members = metadata[metadata["label"] == label]
-        order = sorted(members[group_column].astype(str).unique(), key=lambda g: _unit_hash(seed, g))
+        order = sorted(members[group_column].astype(str).unique(), key=lambda g: unit_hash(seed, g))
         sizes = members.groupby(members[group_column].astype(str)).size()
         taken, total = [], 0
         for group in order:

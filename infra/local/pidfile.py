@@ -41,3 +41,25 @@ def stop_recorded(path: str, whole_group: bool, timeout: float = 30) -> bool:
         os.killpg(pid, signal.SIGKILL)
     os.unlink(path)
     return True
+
+
+def launch(command: list[str], log_path: str, pid_path: str, ready, timeout: float,
+           whole_group: bool, env: dict | None = None) -> None:
+    """Start ``command`` in its own session (output appended to ``log_path``), record its PID,
+    and wait until ``ready()``; on exit or timeout, stop it and raise SystemExit."""
+    import subprocess
+
+    name = os.path.basename(command[0])
+    with open(log_path, "ab") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT,
+                                   stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+    record(pid_path, process.pid)
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if process.poll() is not None:
+            raise SystemExit(f"{name} exited with {process.returncode}; see {log_path}")
+        if ready():
+            return
+        time.sleep(0.5)
+    stop_recorded(pid_path, whole_group)
+    raise SystemExit(f"{name} did not become ready in {timeout:.0f}s; see {log_path}")

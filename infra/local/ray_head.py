@@ -18,12 +18,10 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import subprocess
 import sys
-import time
 import urllib.request
 
-from pidfile import record, running_pid, stop_recorded
+from pidfile import launch, running_pid, stop_recorded
 
 DEFAULT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", ".local", "ray")
 AUTH_MODE = "disabled"
@@ -73,20 +71,9 @@ def start(directory: str = DEFAULT_DIR, port: int = 6380, dashboard_port: int = 
                "--disable-usage-stats", "--include-dashboard=true"]
     child_env = {**os.environ, "RAY_AUTH_MODE": AUTH_MODE,
                  "PATH": f"{python_bin}{os.pathsep}{os.environ.get('PATH', '')}", **(env or {})}
-    with open(os.path.join(directory, "ray.out"), "ab") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT,
-                                   stdin=subprocess.DEVNULL, env=child_env,
-                                   start_new_session=True)
-    record(_pid_file(directory), process.pid)
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if process.poll() is not None:
-            raise SystemExit(f"ray start exited with {process.returncode}; see {directory}/ray.out")
-        if dashboard_up(dashboard_port):
-            return address
-        time.sleep(1)
-    stop(directory)
-    raise SystemExit(f"Ray head not ready in {timeout:.0f}s; see {directory}/ray.out")
+    launch(command, os.path.join(directory, "ray.out"), _pid_file(directory),
+           lambda: dashboard_up(dashboard_port), timeout, whole_group=False, env=child_env)
+    return address
 
 
 def stop(directory: str = DEFAULT_DIR, timeout: float = 30) -> bool:

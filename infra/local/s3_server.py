@@ -19,11 +19,9 @@ import os
 import secrets
 import shutil
 import socket
-import subprocess
 import sys
-import time
 
-from pidfile import record, running_pid, stop_recorded
+from pidfile import launch, running_pid, stop_recorded
 
 DEFAULT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", ".local", "s3")
 DEFAULT_PORT = 8333
@@ -138,19 +136,9 @@ def start(directory: str = DEFAULT_DIR, port: int = DEFAULT_PORT, timeout: float
     mini_options = os.path.join(data, "mini.options")
     if os.path.exists(mini_options):
         os.unlink(mini_options)  # weed re-reads stale flags from here on restart
-    with open(os.path.join(logs, "weed.out"), "ab") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT,
-                                   stdin=subprocess.DEVNULL, start_new_session=True)
-    record(_pid_file(directory), process.pid)
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if process.poll() is not None:
-            raise SystemExit(f"weed exited with {process.returncode}; see {logs}/weed.out")
-        if _ready(env):
-            return env
-        time.sleep(0.5)
-    stop(directory)
-    raise SystemExit(f"weed did not become ready in {timeout:.0f}s; see {logs}/weed.out")
+    launch(command, os.path.join(logs, "weed.out"), _pid_file(directory), lambda: _ready(env),
+           timeout, whole_group=True)
+    return env
 
 
 def stop(directory: str = DEFAULT_DIR) -> bool:
