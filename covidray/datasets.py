@@ -205,9 +205,13 @@ def load_pixels(batch: dict, storage: Storage, augmenter=None, io_threads: int =
 
 
 def model_inputs(batch: dict) -> tuple[np.ndarray, np.ndarray]:
-    """A loaded batch -> (``float32[M, 3, 224, 224]`` for the rows that loaded, their mask).
+    """A loaded batch -> (inputs for the rows that loaded, their mask).
 
-    The single place where streamed pixels become model input, for training and scoring.
+    The single place where streamed rows become model input, for training and scoring:
+    normalised ``float32[M, 3, 224, 224]`` images, or, for a batch of cached backbone
+    features (frozen-backbone training), those ``float32[M, 512]`` features.
     """
     ok = np.asarray(batch["error"]) == ""
+    if "features" in batch:
+        return np.ascontiguousarray(np.asarray(batch["features"], dtype=np.float32)[ok]), ok
     return normalize(np.asarray(batch["pixels"])[ok]), ok

@@ -7,7 +7,6 @@ and a text file named ``.png``) so the errors table and the count reconciliation
 
 from __future__ import annotations
 
-import io
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -17,7 +16,8 @@ import pandas as pd
 from covidray.datasets import LABELS, unit_hash
 from covidray.layout import RunLayout, ScoreLayout
 from covidray.model import WeightsUnavailable, load_weights
-from covidray.storage import Storage, join_uri
+from covidray.report import split_rows
+from covidray.storage import Storage, join_uri, read_table
 from covidray.synthetic import synthetic_dataset
 
 UNREADABLE = {"truncated.jpg": "truncated JPEG", "empty.png": "zero bytes",
@@ -81,8 +81,7 @@ def _write_manifest(storage: Storage, data_uri: str, frame: pd.DataFrame) -> str
 
 def stage_test_archive(storage: Storage, workdir: str, run: str) -> str:
     """A manifest of the run's test split plus three unreadable files; returns its URI."""
-    splits = pd.read_parquet(io.BytesIO(storage.read_bytes(RunLayout(run).splits)))
-    test = splits[splits["split"] == "test"][["uri", "label", "source", "group"]]
+    test = split_rows(read_table(storage, RunLayout(run).splits), "test")
     sample = storage.read_bytes(test["uri"].iloc[0])
     contents = {"truncated.jpg": sample[: max(1, len(sample) // 3)], "empty.png": b"",
                 "not-an-image.png": b"this is a text file, not an X-ray\n"}

@@ -8,7 +8,6 @@ the starting weights and the training config, so a scorer needs nothing else.
 
 from __future__ import annotations
 
-import io
 import json
 import warnings
 
@@ -19,7 +18,7 @@ from covidray.datasets import LABELS, POSITIVE_LABEL
 from covidray.images import INPUT_SIZE, RECIPE
 from covidray.layout import RunLayout
 from covidray.model import load_checkpoint, model_from_checkpoint
-from covidray.storage import Storage
+from covidray.storage import Storage, read_table
 from covidray.model import ScoringModel
 
 PARITY_TOLERANCE = 1e-4
@@ -102,7 +101,7 @@ def parity_inputs(storage: Storage, layout: RunLayout, count: int = 16) -> np.nd
 
     from covidray.datasets import load_pixels, model_inputs
 
-    splits = pd.read_parquet(io.BytesIO(storage.read_bytes(layout.splits)))
+    splits = read_table(storage, layout.splits)
     held_out = pd.concat([splits[splits["split"] == "test"], splits[splits["split"] == "val"],
                           splits[splits["split"] == "train"]]).head(count * 2)
     inputs, _ = model_inputs(load_pixels({"uri": held_out["uri"].to_numpy()}, storage))

@@ -22,21 +22,28 @@ from covidray import figures
 from covidray.evaluation import evaluate_split, labelled, with_columns
 from covidray.layout import RunLayout, ScoreLayout
 from covidray.metrics import PAPER_THRESHOLDS, metrics_report, summarise
-from covidray.storage import Storage, join_uri
+from covidray.storage import Storage, join_uri, read_table
 
 DEFAULT_BREAKDOWN = ("source", "view", "sex", "age_group")
 PAPER_TABLE_1 = {"0.10": (1.000, 0.725), "0.15": (0.976, 0.899), "0.20": (0.943, 0.919),
                  "0.25": (0.900, 0.956)}
 
 
-def split_manifest(storage: Storage, run: str, split: str, target: str) -> str:
-    """A Parquet manifest of one split of the run (original images only, no augmented copies)."""
-    splits = pd.read_parquet(io.BytesIO(storage.read_bytes(RunLayout(run).splits)))
-    rows = splits[splits["split"] == split][["uri", "label", "source", "group"]]
+def split_rows(splits: pd.DataFrame, split: str) -> pd.DataFrame:
+    """One split of a run's ``splits.parquet`` (original images only, never augmented copies),
+    as the index rows a scoring manifest needs."""
+    from covidray.scoring import INDEX_KEEP
+
+    rows = splits[splits["split"] == split][INDEX_KEEP]
     if rows.empty:
         raise ValueError(f"the run has no '{split}' images: train with a --{split}-fraction > 0")
+    return rows
+
+
+def split_manifest(storage: Storage, splits: pd.DataFrame, split: str, target: str) -> str:
+    """Write one split of the run as a Parquet manifest at ``target``."""
     buffer = io.BytesIO()
-    rows.to_parquet(buffer, index=False)
+    split_rows(splits, split).to_parquet(buffer, index=False)
     storage.write_bytes(target, buffer.getvalue())
     return target
 
@@ -54,10 +61,10 @@ def evaluate_run(run: str, storage: Storage, target_sensitivity: float = 0.95,
     from covidray.scoring import score_archive
 
     output = output or join_uri(run, "eval")
-    splits = pd.read_parquet(io.BytesIO(storage.read_bytes(RunLayout(run).splits)))
+    splits = read_table(storage, RunLayout(run).splits)
     tables = {}
     for split in ("val", "test"):
-        manifest = split_manifest(storage, run, split, join_uri(output, f"{split}-manifest.parquet"))
+        manifest = split_manifest(storage, splits, split, join_uri(output, f"{split}-manifest.parquet"))
         scores = join_uri(output, split)
         score_archive(manifest, RunLayout(run).onnx, scores, storage, ray_address=ray_address)
         tables[split] = labelled(with_columns(read_predictions(storage, scores), splits, breakdown))

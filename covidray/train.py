@@ -67,16 +67,8 @@ class TrainConfig:
 # --- plain PyTorch -----------------------------------------------------------------------
 
 def batch_tensors(batch: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """A batch -> (inputs, targets), dropping rows that failed to load.
-
-    Inputs are normalised images, or cached backbone features when the batch has them
-    (frozen-backbone training, see :mod:`covidray.features`).
-    """
-    if "features" in batch:
-        ok = np.asarray(batch["error"]) == ""
-        inputs = np.ascontiguousarray(np.asarray(batch["features"], dtype=np.float32)[ok])
-    else:
-        inputs, ok = model_inputs(batch)
+    """A batch -> (inputs, targets) on ``device``, dropping rows that failed to load."""
+    inputs, ok = model_inputs(batch)
     x = torch.from_numpy(inputs).to(device)
     y = torch.from_numpy(np.asarray(batch["target"])[ok].astype(np.int64)).to(device)
     return x, y

@@ -18,6 +18,18 @@ def running_pid(path: str) -> int | None:
         return None
 
 
+def already_running(path: str, ready, what: str) -> bool:
+    """True if the process recorded at ``path`` runs and ``ready()``; False if none runs;
+    SystemExit if it runs but does not answer (a restart would orphan it)."""
+    pid = running_pid(path)
+    if pid is None:
+        return False
+    if ready():
+        return True
+    raise SystemExit(f"{what} (PID {pid}, recorded in {path}) runs but does not answer: "
+                     "run `stop` first")
+
+
 def record(path: str, pid: int) -> None:
     with open(path, "w") as fh:
         fh.write(str(pid))

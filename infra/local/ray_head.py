@@ -21,7 +21,7 @@ import shutil
 import sys
 import urllib.request
 
-from pidfile import launch, running_pid, stop_recorded
+from pidfile import already_running, launch, stop_recorded
 
 DEFAULT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", ".local", "ray")
 AUTH_MODE = "disabled"
@@ -45,12 +45,8 @@ def start(directory: str = DEFAULT_DIR, port: int = 6380, dashboard_port: int = 
     """Start the head (or find it running); returns the dashboard address for ``ray job submit``."""
     directory = os.path.abspath(directory)
     address = f"http://127.0.0.1:{dashboard_port}"
-    pid = running_pid(_pid_file(directory))
-    if pid:
-        if dashboard_up(dashboard_port):
-            return address
-        raise SystemExit(f"a Ray head (PID {pid}) from {directory} runs but its dashboard does "
-                         "not answer: run `stop` first")
+    if already_running(_pid_file(directory), lambda: dashboard_up(dashboard_port), "a Ray head"):
+        return address
     if dashboard_up(dashboard_port):
         raise SystemExit(f"another Ray dashboard already answers on port {dashboard_port}: "
                          "stop it or pick --dashboard-port")

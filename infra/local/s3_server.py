@@ -21,7 +21,7 @@ import shutil
 import socket
 import sys
 
-from pidfile import launch, running_pid, stop_recorded
+from pidfile import already_running, launch, stop_recorded
 
 DEFAULT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", ".local", "s3")
 DEFAULT_PORT = 8333
@@ -113,12 +113,8 @@ def start(directory: str = DEFAULT_DIR, port: int = DEFAULT_PORT, timeout: float
     """Start the server (or find it running); returns its client environment."""
     directory = os.path.abspath(directory)
     env = environment(directory, port)
-    pid = running_pid(_pid_file(directory))
-    if pid:
-        if _ready(env):
-            return env
-        raise SystemExit(f"a weed process (PID {pid}) from {directory} runs but does not "
-                         "answer: run `stop` first")
+    if already_running(_pid_file(directory), lambda: _ready(env), "a weed server"):
+        return env
     if _port_open(port):
         raise SystemExit(f"port {port} on 127.0.0.1 is taken by another process: pick --port")
     data, logs = os.path.join(directory, "data"), os.path.join(directory, "logs")
