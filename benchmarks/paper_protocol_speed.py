@@ -5,7 +5,7 @@
            [--epochs 100] [--straightforward-epochs 3]
 
 straightforward: the paper's loop, the ResNet18 backbone runs on every image every epoch
-                 (covidray.train.train_one_epoch with --train-layers fc);
+                 (covidray.loop.train_one_epoch with --train-layers fc);
 cached:          the backbone runs once per image (covidray.features.extract_features),
                  then the head trains for all epochs on the stored features.
 Both use the same decoded images (held in memory, so decoding is not timed), batch 20,
@@ -34,7 +34,7 @@ from covidray.features import extract_features  # noqa: E402
 from covidray.model import build_model, freeze_for, head  # noqa: E402
 from covidray.storage import Storage  # noqa: E402
 from covidray.synthetic import encode, synthetic_xray  # noqa: E402
-from covidray.train import train_one_epoch  # noqa: E402
+from covidray.loop import train_one_epoch  # noqa: E402
 
 
 def load_images(data: str | None, count: int, seed: int) -> dict:

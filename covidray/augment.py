@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import hashlib
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
 
+from covidray.config import option
 from covidray.images import INPUT_SIZE, resize_shorter_side
 
 WORKING_SIZE = 256  # shorter side while augmenting
@@ -25,19 +26,20 @@ WORKING_SIZE = 256  # shorter side while augmenting
 
 @dataclass(frozen=True)
 class AugmentConfig:
-    """Probabilities and strengths of each Augmentor operation (0 disables one)."""
+    """Probabilities and strengths of each Augmentor operation (0 disables one); the
+    defaults are the paper's: rotation, horizontal and vertical flips, random resized crop."""
 
-    rotate_probability: float = 0.7
-    max_rotation_degrees: int = 10
-    flip_horizontal_probability: float = 0.5
-    flip_vertical_probability: float = 0.0
-    crop_probability: float = 0.5
-    crop_area: float = 0.85  # random resized crop: keep this fraction of the area
-    distortion_probability: float = 0.3
-    distortion_magnitude: int = 2
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+    rotate_probability: float = option(0.7, "augmentation: probability of a rotation")
+    max_rotation_degrees: int = option(10, "augmentation: largest rotation, degrees")
+    flip_horizontal_probability: float = option(0.5, "augmentation: probability of a "
+                                                     "horizontal flip")
+    flip_vertical_probability: float = option(0.5, "augmentation: probability of a vertical "
+                                                   "flip")
+    crop_probability: float = option(0.5, "augmentation: probability of a random resized crop")
+    crop_area: float = option(0.85, "augmentation: the crop keeps this fraction of the area")
+    distortion_probability: float = option(0.3, "augmentation: probability of a small elastic "
+                                                "distortion")
+    distortion_magnitude: int = option(2, "augmentation: strength of that distortion")
 
 
 def image_seed(seed: int, uri: str, copy: int) -> int:

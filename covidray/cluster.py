@@ -20,7 +20,7 @@ class ResourcePlan:
     data_cpus: float  # CPUs per Ray Data map task / scoring actor
     torch_threads: int  # intra-op threads per training worker
     scoring_actors: int  # onnxruntime / backbone-feature actors
-    feature_threads: int  # intra-op threads per backbone-feature actor
+    inference_threads: int  # intra-op threads per onnxruntime / backbone-feature actor
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -48,7 +48,7 @@ def plan_resources(cluster: dict, workers: int = 1, use_gpu: bool = False) -> Re
         data_cpus=round(max(0.25, min(1.0, left_for_data / 2)), 3),
         torch_threads=max(1, math.floor(cpus / workers)),
         scoring_actors=actors,
-        feature_threads=max(1, math.floor(cpus / actors)),
+        inference_threads=max(1, math.floor(cpus / actors)),
     )
 
 

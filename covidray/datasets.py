@@ -18,12 +18,12 @@ import pandas as pd
 
 from covidray.images import (IMAGE_SUFFIXES, INPUT_SIZE, DecodeError, decode_xray, normalize,
                              to_input_pixels)
-from covidray.storage import Location, Storage, StorageError, read_table
+from covidray.labels import LABELS, label_index
+from covidray.storage import Location, Storage, StorageError, StorageOutage
 
-LABELS = ("non_covid", "covid")  # class index 0 and 1; "covid" is the positive class
-POSITIVE_LABEL = "covid"
 SPLITS = ("train", "val", "test")
 INDEX_COLUMNS = ("uri", "label", "patient_id", "group", "split", "source", "copy")
+ARCHIVE_COLUMNS = ["uri", "label", "source", "group"]  # what an index row carries to outputs
 _URI_COLUMNS = ("uri", "image", "path", "file")
 _LABEL_ALIASES = {"covid": "covid", "covid-19": "covid", "covid19": "covid", "positive": "covid",
                   "non_covid": "non_covid", "non-covid": "non_covid", "noncovid": "non_covid",
@@ -65,19 +65,38 @@ def _index_from_prefix(storage: Storage, uri: str) -> pd.DataFrame:
 
 
 def _index_from_manifest(storage: Storage, uri: str) -> pd.DataFrame:
-    return manifest_to_index(read_table(storage, uri), uri)
+    return manifest_to_index(storage.read_table(uri), uri)
 
 
-def manifest_to_index(table: pd.DataFrame, manifest_uri: str) -> pd.DataFrame:
-    """Manifest rows -> index rows; relative image paths resolve against the manifest's folder."""
+def manifest_to_index(table: pd.DataFrame, manifest_uri: str,
+                      allow_local_paths: bool = False) -> pd.DataFrame:
+    """Manifest rows -> index rows; relative image paths resolve against the manifest's folder.
+
+    Refused with a one-line reason: a row without an image, a label outside
+    :data:`LABELS`, and, in a manifest held in object storage, a local path (which would
+    open a node's own files) unless ``allow_local_paths``.
+    """
     uri_column = next((c for c in _URI_COLUMNS if c in table.columns), None)
     if uri_column is None:
         raise ValueError(f"manifest '{manifest_uri}' needs one of the columns {_URI_COLUMNS}")
-    base = Location.parse(manifest_uri)
-    base = Location(base.scheme, base.bucket, base.key.rsplit("/", 1)[0] if "/" in base.key else "")
-    table = table.copy()
-    table["uri"] = [u if ("://" in u or u.startswith("/")) else base.join(u).uri
-                    for u in table[uri_column].astype(str)]
+    manifest = Location.parse(manifest_uri)
+    base = Location(manifest.scheme, manifest.bucket,
+                    manifest.key.rsplit("/", 1)[0] if "/" in manifest.key else "")
+    table = table.reset_index(drop=True)
+    raw_uris = table[uri_column].astype("string").str.strip()
+    empty = raw_uris.isna() | (raw_uris == "")
+    if empty.any():
+        raise ValueError(f"manifest '{manifest_uri}': {int(empty.sum())} row(s) have an empty "
+                         f"'{uri_column}' (first at row {int(empty.idxmax())})")
+    uris = [u if ("://" in u or u.startswith("/")) else base.join(u).uri for u in raw_uris]
+    if manifest.is_s3 and not allow_local_paths:
+        local = [u for u in uris if not u.startswith("s3://")]
+        if local:
+            raise ValueError(f"manifest '{manifest_uri}' names {len(local)} local path(s), e.g. "
+                             f"'{local[0]}': a manifest in object storage may name only s3:// "
+                             "objects or keys relative to its folder (--allow-local-paths to "
+                             "opt in)")
+    table = table.assign(uri=uris)
     if "label" in table.columns:
         raw = table["label"].astype("string").str.strip().str.lower()
         table["label"] = raw.map(_LABEL_ALIASES)
@@ -158,13 +177,6 @@ def grow_class(index: pd.DataFrame, label: str, target: int) -> pd.DataFrame:
     return pd.concat([index, *copies], ignore_index=True)
 
 
-def label_index(labels) -> np.ndarray:
-    """Labels -> class indices (covid=1, non_covid=0, unknown=-1)."""
-    lookup = {name: i for i, name in enumerate(LABELS)}
-    return np.asarray([lookup.get(label, -1) if isinstance(label, str) else -1 for label in labels],
-                      dtype=np.int64)
-
-
 def load_pixels(batch: dict, storage: Storage, augmenter=None, io_threads: int = 8) -> dict:
     """Fetch, decode and preprocess a batch of index rows.
 
@@ -178,8 +190,10 @@ def load_pixels(batch: dict, storage: Storage, augmenter=None, io_threads: int =
 
     def one(i: int):
         try:
-            data = storage.read_bytes(uris[i])
-        except Exception as exc:  # missing object, permissions, network
+            data = storage.read_bytes(uris[i])  # rides out transient errors itself
+        except StorageOutage:
+            raise  # storage is down, not this image unreadable: the run fails, publishes nothing
+        except Exception as exc:  # missing object, permissions
             return None, f"read failed: {type(exc).__name__}: {exc}"
         try:
             image = decode_xray(data)
@@ -215,3 +229,12 @@ def model_inputs(batch: dict) -> tuple[np.ndarray, np.ndarray]:
     if "features" in batch:
         return np.ascontiguousarray(np.asarray(batch["features"], dtype=np.float32)[ok]), ok
     return normalize(np.asarray(batch["pixels"])[ok]), ok
+
+
+def split_rows(splits: pd.DataFrame, split: str) -> pd.DataFrame:
+    """One split of a run's ``splits.parquet`` (original images only, never augmented
+    copies), as the archive rows a scoring manifest needs."""
+    rows = splits[(splits["split"] == split) & (splits["copy"] == 0)][ARCHIVE_COLUMNS]
+    if rows.empty:
+        raise ValueError(f"the run has no '{split}' images: train with a --{split}-fraction > 0")
+    return rows

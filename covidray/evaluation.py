@@ -13,7 +13,11 @@ import math
 
 import numpy as np
 import pandas as pd
+from sklearn.calibration import calibration_curve
+from sklearn.metrics import average_precision_score, brier_score_loss
 
+from covidray.config import DEFAULT_SEED
+from covidray.labels import LABELS, POSITIVE_LABEL
 from covidray.metrics import (PAPER_THRESHOLDS, ConfusionCounts, is_positive, roc_auc,
                               summarise)
 
@@ -32,22 +36,15 @@ def wilson_interval(successes: int, total: int, z: float = Z_95) -> tuple[float,
 
 
 def average_precision(scores, targets) -> float:
-    """Area under the precision-recall curve (step-wise, as scikit-learn's average precision)."""
-    scores, targets = np.asarray(scores, float), np.asarray(targets)
-    positives = int((targets == 1).sum())
-    if positives == 0:
+    """Area under the precision-recall curve (scikit-learn's average precision); NaN
+    without a positive."""
+    targets = np.asarray(targets)
+    if not (targets == 1).any():
         return math.nan
-    order = np.argsort(-scores, kind="stable")
-    scores, targets = scores[order], targets[order]
-    distinct = np.r_[np.flatnonzero(np.diff(scores)), len(scores) - 1]  # last index of each tie
-    tp = np.cumsum(targets == 1)[distinct]
-    predicted = distinct + 1
-    recall = tp / positives
-    precision = tp / predicted
-    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
+    return float(average_precision_score(targets, np.asarray(scores, float)))
 
 
-def bootstrap_interval(frame: pd.DataFrame, statistic, replicates: int = 1000, seed: int = 0,
+def bootstrap_interval(frame: pd.DataFrame, statistic, replicates: int, seed: int,
                        level: float = 0.95) -> tuple[float, float] | None:
     """Percentile interval of ``statistic(scores, targets)``, resampling patients (``group``)."""
     groups = frame["group"].astype(str).to_numpy()
@@ -69,8 +66,8 @@ def bootstrap_interval(frame: pd.DataFrame, statistic, replicates: int = 1000, s
 
 def labelled(predictions: pd.DataFrame) -> pd.DataFrame:
     """Scored rows with a known label, with ``target`` (1 = covid) and ``group`` columns."""
-    frame = predictions[predictions["label"].isin(["covid", "non_covid"])].copy()
-    frame["target"] = (frame["label"] == "covid").astype(int)
+    frame = predictions[predictions["label"].isin(LABELS)].copy()
+    frame["target"] = (frame["label"] == POSITIVE_LABEL).astype(int)
     if "group" not in frame.columns:
         frame["group"] = frame["uri"]
     return frame.reset_index(drop=True)
@@ -109,19 +106,22 @@ def counts_with_intervals(counts: ConfusionCounts) -> dict:
 
 
 def calibration(scores, targets, bins: int = 10) -> dict:
-    """Reliability diagram data (equal-width bins) and the Brier score."""
-    scores, targets = np.asarray(scores, float), np.asarray(targets, float)
+    """Reliability diagram data (equal-width bins; scikit-learn's calibration curve) and the
+    Brier score."""
+    scores, targets = np.asarray(scores, float), np.asarray(targets, int)
+    if not len(scores):
+        return {"brier": None, "bins": []}
+    fraction, mean = calibration_curve(targets, scores, n_bins=bins, strategy="uniform")
     edges = np.linspace(0, 1, bins + 1)
-    which = np.clip(np.digitize(scores, edges[1:-1]), 0, bins - 1)
+    counts = np.bincount(np.searchsorted(edges[1:-1], scores), minlength=bins)  # as sklearn bins
+    filled = iter(zip(mean, fraction))  # calibration_curve lists only the non-empty bins
     rows = []
     for b in range(bins):
-        mask = which == b
+        m, f = next(filled) if counts[b] else (None, None)
         rows.append({"bin_low": float(edges[b]), "bin_high": float(edges[b + 1]),
-                     "images": int(mask.sum()),
-                     "mean_score": float(scores[mask].mean()) if mask.any() else None,
-                     "fraction_covid": float(targets[mask].mean()) if mask.any() else None})
-    return {"brier": float(np.mean((scores - targets) ** 2)) if len(scores) else None,
-            "bins": rows}
+                     "images": int(counts[b]), "mean_score": None if m is None else float(m),
+                     "fraction_covid": None if f is None else float(f)})
+    return {"brier": float(brier_score_loss(targets, scores)), "bins": rows}
 
 
 def breakdown(test: pd.DataFrame, column: str, threshold: float) -> list[dict]:
@@ -141,7 +141,7 @@ def breakdown(test: pd.DataFrame, column: str, threshold: float) -> list[dict]:
 
 
 def evaluate_split(val: pd.DataFrame, test: pd.DataFrame, target_sensitivity: float,
-                   breakdown_columns: list[str], bootstrap: int = 1000, seed: int = 0) -> dict:
+                   breakdown_columns: list[str], bootstrap: int, seed: int = DEFAULT_SEED) -> dict:
     """Everything the report shows. ``val`` and ``test`` are :func:`labelled` tables."""
     threshold = threshold_for_sensitivity(val["score"], val["target"], target_sensitivity)
     val_at = summarise(val["score"], val["target"], [threshold]).counts_at(threshold)

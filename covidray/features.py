@@ -5,7 +5,7 @@ backbone is a fixed function: running it every epoch repeats the same work. Inst
 Ray Data pass maps every (augmented) training and validation image to its 512-d
 ResNet18 feature vector (:class:`BackboneFeatures`), the vectors are stored with the
 run, and the head trains for all epochs on them with the same plain-PyTorch loop
-(``covidray.train.train_one_epoch`` on the head alone).
+(``covidray.loop.train_one_epoch`` on the head alone).
 ``tests/test_features.py`` proves both routes give the same head.
 """
 

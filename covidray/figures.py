@@ -10,7 +10,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from covidray.datasets import LABELS  # noqa: E402
+from covidray.labels import LABELS  # noqa: E402
 
 
 def _png(figure) -> bytes:

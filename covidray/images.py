@@ -2,7 +2,7 @@
 
 Training, export (parity inputs and the recipe stored in the ONNX metadata) and
 scoring all call these functions and nothing else, so an image is preprocessed
-identically everywhere (``tests/test_preprocessing_parity.py`` proves it).
+identically everywhere (``tests/test_pipeline.py::test_training_export_and_scoring_preprocess_identically`` proves it).
 
 The recipe has two halves so that the expensive part can stream as compact uint8:
   1. :func:`to_input_pixels`: decode to 8-bit grayscale, resize the shorter side to
@@ -22,6 +22,10 @@ INPUT_SIZE = 224
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+# Memory per image is bounded whatever a file claims: hospital detectors give at most
+# ~4300x3500 (15 MP); decoding is refused above these, before any pixel is read.
+MAX_PIXELS = 40_000_000
+MAX_ASPECT_RATIO = 6
 
 # Stored in every exported model; scoring refuses a model whose recipe differs.
 RECIPE = {
@@ -44,13 +48,26 @@ class DecodeError(ValueError):
     """The bytes are not a usable image; the message is the reason recorded for it."""
 
 
+def check_dimensions(width: int, height: int) -> None:
+    """Refuse, from the header alone, an image whose decoding would take unbounded memory."""
+    if width * height > MAX_PIXELS:
+        raise DecodeError(f"image too large: {width}x{height} pixels, more than the "
+                          f"{MAX_PIXELS // 1_000_000} MP covidray decodes")
+    if max(width, height) > MAX_ASPECT_RATIO * max(1, min(width, height)):
+        raise DecodeError(f"not a chest X-ray: {width}x{height} pixels (aspect ratio above "
+                          f"{MAX_ASPECT_RATIO}:1)")
+
+
 def decode_xray(data: bytes) -> Image.Image:
     """Decode PNG/JPEG/TIFF/BMP bytes (8/16-bit gray, RGB, RGBA, palette) to an 8-bit ``L`` image."""
     if not data:
         raise DecodeError("empty file (0 bytes)")
     try:
-        image = Image.open(io.BytesIO(data))
+        image = Image.open(io.BytesIO(data))  # reads the header only
+        check_dimensions(*image.size)
         image.load()
+    except DecodeError:
+        raise
     except UnidentifiedImageError:
         raise DecodeError("not an image: format not recognised") from None
     except (OSError, SyntaxError, ValueError) as exc:
@@ -61,10 +78,22 @@ def decode_xray(data: bytes) -> Image.Image:
 
 
 def _to_8bit_gray(image: Image.Image) -> Image.Image:
-    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        values = np.asarray(image, dtype=np.float64)
+    if image.mode in ("I;16", "I;16B", "I;16L"):
+        # Min-max window in exact integer arithmetic (4 bytes a pixel, no float64 copy):
+        # round((v - lo) * 255 / (hi - lo)), halves rounded up.
+        values = np.asarray(image).astype(np.uint32)
+        lo, hi = int(values.min()), int(values.max())
+        if hi == lo:
+            return Image.new("L", image.size, 0)
+        values -= lo
+        values *= 510
+        values += hi - lo
+        values //= 2 * (hi - lo)
+        return Image.fromarray(values.astype(np.uint8))
+    if image.mode in ("I", "F"):
+        values = np.asarray(image, dtype=np.float32)
         lo, hi = float(values.min()), float(values.max())
-        scaled = (values - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(values)
+        scaled = (values - lo) * np.float32(255.0 / (hi - lo)) if hi > lo else np.zeros_like(values)
         return Image.fromarray(np.round(scaled).astype(np.uint8))
     if image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")

@@ -1,4 +1,6 @@
-"""Where every artifact lives, defined once. A run directory looks like::
+"""Where every artifact lives, defined once. Each directory a stage writes has a layout.
+
+A **run directory** (``covidray train --run``)::
 
     <run>/train/config.json        the TrainConfig that made this run
     <run>/train/splits.parquet     every image with its train/val/test split
@@ -7,16 +9,30 @@
     <run>/train/features/<split>/  frozen-backbone features (Parquet), when only the head trains
     <run>/model/model.pt           final checkpoint {model, optimizer, epoch, config, ...}
     <run>/model/model.onnx         exported model, metadata inside
-    <run>/model/export.json        ONNX parity report
+    <run>/model/export.json        ONNX parity report, with the ExportConfig
+    <run>/model/model_card.json    written by `covidray evaluate`: recipe, data, metrics and
+                                   the operating threshold that `covidray score` uses
+    <run>/protocol.json            the ProtocolConfig, when `covidray protocol` made the run
+    <run>/eval/                    the default evaluation directory (below)
 
-and a scoring output directory::
+a **scoring output** (``covidray score --output``)::
 
-    <out>/predictions/*.parquet    one row per scored image
-    <out>/errors/*.parquet         one row per image that could not be scored, with reason
-    <out>/metrics/metrics.json     sweep, confusion matrices, AUC (labelled archives)
-    <out>/metrics/sweep.csv
-    <out>/metrics/confusion_matrix_t0.10.png ... _operating_t0.50.png, score_histogram.png
-    <out>/_SUCCESS.json            written last: counts and the list of artifacts
+    <output>/config.json             the ScoreConfig of the latest run
+    <output>/predictions/*.parquet   one row per scored image
+    <output>/errors/*.parquet        one row per image that could not be scored, with reason
+    <output>/metrics/metrics.json    sweep, confusion matrices, AUC (labelled archives)
+    <output>/metrics/sweep.csv
+    <output>/metrics/confusion_matrix_t0.10.png ... _operating_t0.50.png, score_histogram.png
+    <output>/_SUCCESS.json           written last: counts and where the results are
+
+an **evaluation directory** (``covidray evaluate``; ``<run>/eval`` by default)::
+
+    <eval>/config.json               the EvaluateConfig
+    <eval>/{val,test}-manifest.parquet, <eval>/{val,test}/   each split, scored (as above)
+    <eval>/report/                   report.html, summary.md, report.json, *.png
+
+a **dataset** staged by ``covidray upload`` (``<data>/manifest.csv``, ``upload.json``) and
+the **demo's work directory** (``<workdir>/data``, ``run``, ``scores/test`` ...).
 """
 
 from __future__ import annotations
@@ -25,14 +41,25 @@ from dataclasses import dataclass
 
 from covidray.storage import join_uri
 
+CHECKPOINT_FILE = "checkpoint.pt"
+
+
+def model_card_beside(model_uri: str) -> str:
+    """The model card travels with the model: ``model_card.json`` in the same folder."""
+    folder = model_uri.rsplit("/", 1)[0] if "/" in model_uri else "."
+    return join_uri(folder, "model_card.json")
+
 
 @dataclass(frozen=True)
-class RunLayout:
+class _Layout:
     root: str
 
     def _at(self, *parts: str) -> str:
         return join_uri(self.root, *parts)
 
+
+@dataclass(frozen=True)
+class RunLayout(_Layout):
     @property
     def config(self) -> str:
         return self._at("train", "config.json")
@@ -64,16 +91,24 @@ class RunLayout:
     def export_report(self) -> str:
         return self._at("model", "export.json")
 
+    @property
+    def model_card(self) -> str:
+        return model_card_beside(self.onnx)
 
-CHECKPOINT_FILE = "checkpoint.pt"
+    @property
+    def protocol_config(self) -> str:
+        return self._at("protocol.json")
+
+    @property
+    def eval_dir(self) -> str:
+        return self._at("eval")
 
 
 @dataclass(frozen=True)
-class ScoreLayout:
-    root: str
-
-    def _at(self, *parts: str) -> str:
-        return join_uri(self.root, *parts)
+class ScoreLayout(_Layout):
+    @property
+    def config(self) -> str:
+        return self._at("config.json")
 
     @property
     def predictions(self) -> str:
@@ -86,6 +121,13 @@ class ScoreLayout:
     @property
     def staging(self) -> str:
         return self._at("_staging")
+
+    def staging_run(self, run_id: str) -> str:
+        return self._at("_staging", run_id)
+
+    @property
+    def metrics(self) -> str:
+        return self._at("metrics")
 
     @property
     def metrics_json(self) -> str:
@@ -106,3 +148,66 @@ class ScoreLayout:
     @property
     def success(self) -> str:
         return self._at("_SUCCESS.json")
+
+
+@dataclass(frozen=True)
+class EvalLayout(_Layout):
+    @property
+    def config(self) -> str:
+        return self._at("config.json")
+
+    def manifest(self, split: str) -> str:
+        return self._at(f"{split}-manifest.parquet")
+
+    def scores(self, split: str) -> str:
+        """The scoring output of one split (a :class:`ScoreLayout` root)."""
+        return self._at(split)
+
+    @property
+    def report(self) -> str:
+        return self._at("report")
+
+    def report_file(self, name: str) -> str:
+        return self._at("report", name)
+
+
+@dataclass(frozen=True)
+class DataLayout(_Layout):
+    """A labelled dataset staged in storage: images plus one manifest."""
+
+    @property
+    def manifest(self) -> str:
+        return self._at("manifest.csv")
+
+    @property
+    def config(self) -> str:
+        return self._at("upload.json")
+
+    def image(self, relative: str) -> str:
+        return self._at(relative)
+
+
+@dataclass(frozen=True)
+class DemoLayout(_Layout):
+    @property
+    def config(self) -> str:
+        return self._at("demo.json")
+
+    @property
+    def data(self) -> str:
+        return self._at("data")
+
+    @property
+    def run(self) -> str:
+        return self._at("run")
+
+    @property
+    def scores(self) -> str:
+        return self._at("scores", "test")
+
+    @property
+    def test_archive(self) -> str:
+        return self._at("test-archive.csv")
+
+    def unreadable(self, name: str) -> str:
+        return self._at("unreadable", name)

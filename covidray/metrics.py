@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 import numpy as np
 
 PAPER_THRESHOLDS = (0.10, 0.15, 0.20, 0.25)
-DEFAULT_THRESHOLD = 0.5
 HISTOGRAM_BINS = 50
 
 
@@ -188,10 +187,15 @@ class SortedAUC:
 
 
 def roc_auc(scores, targets) -> float:
-    """Exact ROC AUC of in-memory scores."""
-    scores = np.asarray(scores, dtype=np.float64)
-    order = np.argsort(scores, kind="stable")
-    return SortedAUC().add(scores[order], np.asarray(targets)[order]).value()
+    """ROC AUC of in-memory scores (scikit-learn); NaN unless both classes are present.
+    Archive-sized data streams through :class:`SortedAUC` instead."""
+    from sklearn.metrics import roc_auc_score
+
+    targets = np.asarray(targets)
+    keep = (targets == 0) | (targets == 1)
+    if len(np.unique(targets[keep])) < 2:
+        return math.nan
+    return float(roc_auc_score(targets[keep], np.asarray(scores, dtype=np.float64)[keep]))
 
 
 def metrics_report(summary: ScoreSummary, auc: float, operating_threshold: float) -> dict:

@@ -15,7 +15,7 @@ import io
 import torch
 from torch import nn
 
-from covidray.datasets import LABELS
+from covidray.labels import LABELS, POSITIVE_LABEL
 from covidray.storage import Storage
 
 IMAGENET_URL = "https://download.pytorch.org/models/resnet18-f37072fd.pth"
@@ -80,6 +80,12 @@ def load_weights(weights: str, storage: Storage | None = None) -> dict | None:
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
+def describe_weights(weights: str) -> str:
+    """What a ``weights`` value means, as results report it."""
+    return {"imagenet": "torchvision ResNet18_Weights.IMAGENET1K_V1",
+            "none": "random initialisation (no pretrained weights)"}.get(weights, weights)
+
+
 def freeze_for(model: nn.Module, train_layers: str) -> nn.Module:
     """Make only the layers named by ``train_layers`` (``fc`` or ``all``) trainable."""
     if train_layers not in TRAIN_LAYERS:
@@ -105,7 +111,7 @@ def head(model: nn.Module) -> nn.Linear:
 
 def covid_probability(logits: torch.Tensor) -> torch.Tensor:
     """Logits ``[N, 2]`` -> probability of the positive class ``[N]``."""
-    return torch.softmax(logits, dim=1)[:, LABELS.index("covid")]
+    return torch.softmax(logits, dim=1)[:, LABELS.index(POSITIVE_LABEL)]
 
 
 class ScoringModel(nn.Module):

@@ -1,99 +1,36 @@
-"""``covidray evaluate``: score a run's validation and test splits, then write the report.
+"""The evaluation report: one page (HTML), its tables (Markdown) and every figure (PNG).
 
-The operating threshold is chosen on validation (the highest threshold reaching
-``--target-sensitivity``) and reported on test. Outputs, under ``<run>/eval`` by default::
-
-    val/, test/                    the scoring job's outputs for each split (predictions, metrics)
-    report/report.json             every figure of the report, machine-readable
-    report/summary.md              the headline tables
-    report/report.html             one self-contained page (figures embedded)
-    report/*.png                   the figures
+Pure rendering of what :func:`covidray.evaluation.evaluate_split` computed; the
+``covidray evaluate`` stage (:mod:`covidray.stages.evaluate`) writes it.
 """
 
 from __future__ import annotations
 
 import base64
 import html
-import io
 
 import pandas as pd
 
 from covidray import figures
-from covidray.evaluation import evaluate_split, labelled, with_columns
-from covidray.layout import RunLayout, ScoreLayout
-from covidray.metrics import PAPER_THRESHOLDS, metrics_report, summarise
-from covidray.storage import Storage, join_uri, read_table
+from covidray.layout import EvalLayout
+from covidray.metrics import PAPER_THRESHOLDS, metrics_report, summarise, sweep_thresholds
+from covidray.storage import Storage
 
-DEFAULT_BREAKDOWN = ("source", "view", "sex", "age_group")
 PAPER_TABLE_1 = {"0.10": (1.000, 0.725), "0.15": (0.976, 0.899), "0.20": (0.943, 0.919),
                  "0.25": (0.900, 0.956)}
 
 
-def split_rows(splits: pd.DataFrame, split: str) -> pd.DataFrame:
-    """One split of a run's ``splits.parquet`` (original images only, never augmented copies),
-    as the index rows a scoring manifest needs."""
-    from covidray.scoring import INDEX_KEEP
-
-    rows = splits[splits["split"] == split][INDEX_KEEP]
-    if rows.empty:
-        raise ValueError(f"the run has no '{split}' images: train with a --{split}-fraction > 0")
-    return rows
-
-
-def split_manifest(storage: Storage, splits: pd.DataFrame, split: str, target: str) -> str:
-    """Write one split of the run as a Parquet manifest at ``target``."""
-    buffer = io.BytesIO()
-    split_rows(splits, split).to_parquet(buffer, index=False)
-    storage.write_bytes(target, buffer.getvalue())
-    return target
-
-
-def read_predictions(storage: Storage, scores: str) -> pd.DataFrame:
-    parts = [pd.read_parquet(io.BytesIO(storage.read_bytes(uri)))
-             for uri in storage.list_files(ScoreLayout(scores).predictions, (".parquet",))]
-    return pd.concat(parts, ignore_index=True)
-
-
-def evaluate_run(run: str, storage: Storage, target_sensitivity: float = 0.95,
-                 output: str | None = None, breakdown: tuple[str, ...] = DEFAULT_BREAKDOWN,
-                 bootstrap: int = 1000, ray_address: str | None = None) -> dict:
-    """Score the run's val and test splits with its ONNX model and write the report."""
-    from covidray.scoring import score_archive
-
-    output = output or join_uri(run, "eval")
-    splits = read_table(storage, RunLayout(run).splits)
-    tables = {}
-    for split in ("val", "test"):
-        manifest = split_manifest(storage, splits, split, join_uri(output, f"{split}-manifest.parquet"))
-        scores = join_uri(output, split)
-        score_archive(manifest, RunLayout(run).onnx, scores, storage, ray_address=ray_address)
-        tables[split] = labelled(with_columns(read_predictions(storage, scores), splits, breakdown))
-    columns = [c for c in breakdown if c in tables["test"].columns]
-    result = evaluate_split(tables["val"], tables["test"], target_sensitivity, columns, bootstrap)
-    checkpoint_weights = storage.read_json(RunLayout(run).export_report)["metadata"]["weights"]
-    result.update(run=run, weights=checkpoint_weights, output=output)
-    write_report(storage, join_uri(output, "report"), result, tables["test"])
-    return headline(result)
-
-
-def headline(result: dict) -> dict:
-    operating = result["operating_point"]
-    return {"report": join_uri(result["output"], "report", "report.html"),
-            "weights": result["weights"], "test_images": result["test_images"],
-            "roc_auc": result["roc_auc"], "roc_auc_ci95": result["roc_auc_ci95"],
-            "operating_threshold": operating["threshold"],
-            "test_sensitivity": operating["test"]["sensitivity"],
-            "test_specificity": operating["test"]["specificity"]}
-
-
-def write_report(storage: Storage, directory: str, result: dict, test: pd.DataFrame) -> None:
+def write_report(storage: Storage, layout: EvalLayout, result: dict, test: pd.DataFrame) -> None:
+    """Write report.json, summary.md, report.html and the PNGs under ``layout.report``."""
     scores, targets = test["score"].to_numpy(float), test["target"].to_numpy()
     operating = result["operating_point"]
     pngs = {
         "roc_pr.png": figures.roc_pr_png(scores, targets, result["roc_auc"],
                                          result["average_precision"]),
         "score_histogram.png": figures.score_histogram_png(
-            metrics_report(summarise(scores, targets), result["roc_auc"], 0.5)),
+            metrics_report(summarise(scores, targets,
+                                     {*sweep_thresholds().tolist(), operating["threshold"]}),
+                           result["roc_auc"], operating["threshold"])),
         "calibration.png": figures.calibration_png(result["calibration"]),
     }
     for column in result["breakdown"]:
@@ -108,11 +45,11 @@ def write_report(storage: Storage, directory: str, result: dict, test: pd.DataFr
             entry["matrix_rates"], t, f"{'Operating point' if key == 'operating' else 'Threshold'} "
                                       f"{t:.3g}: rates")
     for name, data in pngs.items():
-        storage.write_bytes(join_uri(directory, name), data, "image/png")
-    storage.write_json(join_uri(directory, "report.json"), result)
+        storage.write_bytes(layout.report_file(name), data, "image/png")
+    storage.write_json(layout.report_file("report.json"), result)
     markdown = summary_markdown(result)
-    storage.write_bytes(join_uri(directory, "summary.md"), markdown.encode(), "text/markdown")
-    storage.write_bytes(join_uri(directory, "report.html"), report_html(result, markdown, pngs),
+    storage.write_bytes(layout.report_file("summary.md"), markdown.encode(), "text/markdown")
+    storage.write_bytes(layout.report_file("report.html"), report_html(result, markdown, pngs),
                         "text/html")
 
 

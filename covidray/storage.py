@@ -18,15 +18,51 @@ import io
 import json
 import os
 import tempfile
+import time
 from dataclasses import dataclass, field
 from typing import Iterator
 from urllib.parse import urlparse
 
 DEFAULT_REGION = "us-east-1"
+CONNECT_TIMEOUT_S = 3
+READ_TIMEOUT_S = 60
+IO_ATTEMPTS = 3
+PROBE_READ_TIMEOUT_S = 5  # check(): a server that accepts but never answers fails fast
+PROBE_ATTEMPTS = 2
+RETRY_FIRST_DELAY_S = 0.5
+RETRY_MAX_DELAY_S = 8.0
 
 
 class StorageError(RuntimeError):
     """A location cannot be used; the message names the setting to fix."""
+
+
+class StorageOutage(StorageError):
+    """Storage kept failing with transient errors for longer than the outage bound: the
+    run must fail (no result published), not record its images as unreadable."""
+
+
+_TRANSIENT_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout",
+                    "RequestTimeTooSkewed", "ServiceUnavailable", "InternalError",
+                    "RequestLimitExceeded", "503", "500", "502", "504"}
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Connection refused/reset, timeouts, 5xx and throttling: worth retrying. A missing
+    object, a refused credential or bad bytes are permanent."""
+    import botocore.exceptions as bx
+    import urllib3.exceptions
+
+    streaming = tuple(getattr(bx, name) for name in ("IncompleteReadError",
+                                                     "ResponseStreamingError") if hasattr(bx, name))
+    if isinstance(exc, (bx.HTTPClientError, bx.ConnectionError, urllib3.exceptions.HTTPError,
+                        ConnectionError, TimeoutError, *streaming)):
+        return True  # connection refused/reset/closed, timeouts, a body cut off
+    if isinstance(exc, bx.ClientError):
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+        code = str(exc.response.get("Error", {}).get("Code", ""))
+        return status >= 500 or status == 429 or code in _TRANSIENT_CODES
+    return False
 
 
 @dataclass(frozen=True)
@@ -36,18 +72,29 @@ class StorageSettings:
     endpoint_url: str | None = None  # e.g. http://127.0.0.1:8333; None means AWS itself
     region: str | None = None
     profile: str | None = None  # a named profile from ~/.aws/config
+    # Transient errors (connection refused/reset, timeouts, 5xx, throttling) are retried
+    # with backoff for up to this long before a run gives up (and publishes nothing).
+    outage_seconds: float = 120.0
+
+    def __post_init__(self):
+        endpoint = self.endpoint_url
+        if endpoint and not endpoint.startswith(("http://", "https://")):
+            raise StorageError(f"S3 endpoint '{endpoint}' has no scheme: write "
+                               f"http://{endpoint} or https://{endpoint} (--s3-endpoint / "
+                               "AWS_ENDPOINT_URL)")
 
     @classmethod
     def from_env(cls, endpoint_url: str | None = None, region: str | None = None,
-                 profile: str | None = None) -> "StorageSettings":
+                 profile: str | None = None, outage_seconds: float | None = None
+                 ) -> "StorageSettings":
         """Explicit values win; otherwise the standard AWS environment variables."""
+        extra = {} if outage_seconds is None else {"outage_seconds": outage_seconds}
         return cls(
             endpoint_url=endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3")
             or os.environ.get("AWS_ENDPOINT_URL") or None,
             region=region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
             or None,
-            profile=profile or os.environ.get("AWS_PROFILE") or None,
-        )
+            profile=profile or os.environ.get("AWS_PROFILE") or None, **extra)
 
 
 @dataclass(frozen=True)
@@ -61,10 +108,11 @@ class Location:
     @classmethod
     def parse(cls, uri: str) -> "Location":
         if uri.startswith("s3://"):
-            parsed = urlparse(uri)
-            if not parsed.netloc:
+            # Not urlparse: an S3 key is any UTF-8 text, '?' and '#' included, taken verbatim.
+            bucket, _, key = uri[len("s3://"):].partition("/")
+            if not bucket:
                 raise StorageError(f"'{uri}' has no bucket: write s3://BUCKET/PREFIX")
-            return cls("s3", parsed.netloc, parsed.path.lstrip("/").rstrip("/"))
+            return cls("s3", bucket, key.lstrip("/").rstrip("/"))
         if "://" in uri and not uri.startswith("file://"):
             raise StorageError(f"'{uri}': only s3:// URIs and local paths are supported")
         path = uri[len("file://"):] if uri.startswith("file://") else uri
@@ -102,8 +150,8 @@ def join_uri(uri: str, *parts: str) -> str:
 @dataclass(frozen=True)
 class _Credentials:
     access_key: str
-    secret_key: str
-    session_token: str | None
+    secret_key: str = field(repr=False)
+    session_token: str | None = field(repr=False)
 
 
 @dataclass
@@ -111,13 +159,14 @@ class Storage:
     """Object I/O for local paths and S3-compatible storage. Safe to pickle to Ray workers."""
 
     settings: StorageSettings = field(default_factory=StorageSettings.from_env)
-    _credentials: _Credentials | None = None
+    _credentials: _Credentials | None = field(default=None, repr=False)  # never printed
     _client: object = field(default=None, repr=False)
+    _probe: object = field(default=None, repr=False)
 
     # --- construction -------------------------------------------------------------------
     def __getstate__(self):
         state = dict(self.__dict__)
-        state["_client"] = None  # boto3 clients do not pickle; each process makes its own
+        state["_client"] = state["_probe"] = None  # boto3 clients do not pickle
         state["_credentials"] = self._credentials or self._resolve_credentials(required=False)
         return state
 
@@ -147,24 +196,34 @@ class Storage:
         return self._credentials
 
     def client(self):
-        """A boto3 S3 client that fails fast (short timeouts, few retries)."""
+        """A boto3 S3 client for object I/O (bounded timeouts and retries)."""
         if self._client is None:
-            import boto3
-            from botocore.config import Config
-
-            creds = self._resolve_credentials()
-            self._client = boto3.client(
-                "s3",
-                endpoint_url=self.settings.endpoint_url,
-                region_name=self.region,
-                aws_access_key_id=creds.access_key,
-                aws_secret_access_key=creds.secret_key,
-                aws_session_token=creds.session_token,
-                config=Config(connect_timeout=5, read_timeout=60,
-                              retries={"total_max_attempts": 3, "mode": "standard"},
-                              s3={"addressing_style": "path"}),
-            )
+            self._client = self._make_client(CONNECT_TIMEOUT_S, READ_TIMEOUT_S, IO_ATTEMPTS)
         return self._client
+
+    def _probe_client(self):
+        """A client for :meth:`check`: a silent endpoint fails in seconds, not minutes."""
+        if self._probe is None:
+            self._probe = self._make_client(CONNECT_TIMEOUT_S, PROBE_READ_TIMEOUT_S,
+                                            PROBE_ATTEMPTS)
+        return self._probe
+
+    def _make_client(self, connect_timeout: float, read_timeout: float, attempts: int):
+        import boto3
+        from botocore.config import Config
+
+        creds = self._resolve_credentials()
+        return boto3.client(
+            "s3",
+            endpoint_url=self.settings.endpoint_url,
+            region_name=self.region,
+            aws_access_key_id=creds.access_key,
+            aws_secret_access_key=creds.secret_key,
+            aws_session_token=creds.session_token,
+            config=Config(connect_timeout=connect_timeout, read_timeout=read_timeout,
+                          retries={"total_max_attempts": attempts, "mode": "standard"},
+                          s3={"addressing_style": "path"}),
+        )
 
     def filesystem(self, location: Location | str):
         """The pyarrow filesystem for ``location``; pair it with ``Location.fs_path``."""
@@ -175,7 +234,8 @@ class Storage:
             return pafs.LocalFileSystem()
         creds = self._resolve_credentials()
         kwargs = dict(access_key=creds.access_key, secret_key=creds.secret_key,
-                      session_token=creds.session_token, region=self.region)
+                      session_token=creds.session_token, region=self.region,
+                      connect_timeout=CONNECT_TIMEOUT_S, request_timeout=READ_TIMEOUT_S)
         if self.settings.endpoint_url:
             endpoint = urlparse(self.settings.endpoint_url)
             kwargs.update(endpoint_override=endpoint.netloc or endpoint.path,
@@ -193,7 +253,7 @@ class Storage:
             if writable and not os.access(_nearest_existing(target), os.W_OK):
                 raise StorageError(f"local path '{location.key}' is not writable")
             return
-        client = self.client()
+        client = self._probe_client()
         try:
             client.head_bucket(Bucket=location.bucket)
             if writable:
@@ -232,20 +292,48 @@ class Storage:
         return StorageError(f"cannot use '{location.uri}' at {endpoint}: {exc}")
 
     # --- object I/O ---------------------------------------------------------------------
+    def riding_out_outages(self, action, what: str):
+        """``action()``, retried with exponential backoff while it fails transiently, for up
+        to ``settings.outage_seconds``; then :class:`StorageOutage`."""
+        deadline, delay = None, RETRY_FIRST_DELAY_S
+        while True:
+            try:
+                return action()
+            except Exception as exc:
+                if not is_transient(exc):
+                    raise
+                now = time.monotonic()
+                deadline = deadline or now + self.settings.outage_seconds
+                if now >= deadline:
+                    endpoint = self.settings.endpoint_url or "AWS S3"
+                    raise StorageOutage(
+                        f"{endpoint} kept failing for {self.settings.outage_seconds:g} s while "
+                        f"{what} ({type(exc).__name__}: {exc}); nothing was published. Check "
+                        "the server, or raise --s3-outage-seconds") from exc
+                time.sleep(min(delay, max(0.0, deadline - now)))
+                delay = min(delay * 2, RETRY_MAX_DELAY_S)
+
     def read_bytes(self, uri: str) -> bytes:
         location = _as_location(uri)
         if not location.is_s3:
             with open(location.key, "rb") as fh:
                 return fh.read()
-        response = self.client().get_object(Bucket=location.bucket, Key=location.key)
-        return response["Body"].read()
+
+        def get():
+            response = self.client().get_object(Bucket=location.bucket, Key=location.key)
+            return response["Body"].read()
+
+        return self.riding_out_outages(get, f"reading {location.uri}")
 
     def write_bytes(self, uri: str, data: bytes, content_type: str | None = None) -> str:
         """Write one object atomically (readers see the old object or the whole new one)."""
         location = _as_location(uri)
         if location.is_s3:
             extra = {"ContentType": content_type} if content_type else {}
-            self.client().put_object(Bucket=location.bucket, Key=location.key, Body=data, **extra)
+            self.riding_out_outages(
+                lambda: self.client().put_object(Bucket=location.bucket, Key=location.key,
+                                                 Body=data, **extra),
+                f"writing {location.uri}")
         else:
             os.makedirs(os.path.dirname(location.key), exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=os.path.dirname(location.key), prefix=".tmp-")
@@ -265,6 +353,33 @@ class Storage:
 
     def read_json(self, uri: str):
         return json.loads(self.read_bytes(uri))
+
+    # --- tables: the one place a DataFrame becomes bytes and back ------------------------
+    def read_table(self, uri: str):
+        """A CSV or Parquet object (a manifest, a run's splits) as a pandas DataFrame."""
+        import pandas as pd
+
+        data = io.BytesIO(self.read_bytes(uri))
+        return pd.read_parquet(data) if uri.lower().endswith(".parquet") else pd.read_csv(data)
+
+    def write_table(self, uri: str, frame) -> str:
+        """Write a DataFrame as one CSV or Parquet object (by the URI's suffix), atomically."""
+        if uri.lower().endswith(".csv"):
+            return self.write_bytes(uri, frame.to_csv(index=False).encode(), "text/csv")
+        buffer = io.BytesIO()
+        frame.to_parquet(buffer, index=False)
+        return self.write_bytes(uri, buffer.getvalue())
+
+    def read_parquet_dir(self, uri: str, columns: list[str] | None = None):
+        """Every ``*.parquet`` part under ``uri`` as one DataFrame (empty when there is none).
+
+        For small outputs only (a split's predictions, a report): archive-sized outputs are
+        read by Ray Data, never collected into one process."""
+        import pandas as pd
+
+        parts = [pd.read_parquet(io.BytesIO(self.read_bytes(part)), columns=columns)
+                 for part in self.list_files(uri, (".parquet",))]
+        return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=columns)
 
     def upload_file(self, path: str, uri: str) -> str:
         with open(path, "rb") as fh:
@@ -290,9 +405,7 @@ class Storage:
         wanted = tuple(s.lower() for s in suffixes) if suffixes else None
         if location.is_s3:
             prefix = location.key + "/" if location.key else ""
-            pages = self.client().get_paginator("list_objects_v2").paginate(
-                Bucket=location.bucket, Prefix=prefix)
-            for page in pages:
+            for page in self._pages(location.bucket, prefix):
                 for obj in page.get("Contents", []):
                     if obj["Key"].endswith("/"):
                         continue  # a directory marker (pyarrow writes them), not a file
@@ -304,6 +417,19 @@ class Storage:
                 for name in sorted(files):
                     if wanted is None or name.lower().endswith(wanted):
                         yield os.path.join(root, name)
+
+    def _pages(self, bucket: str, prefix: str):
+        """ListObjectsV2 pages, each request riding out outages."""
+        token = None
+        while True:
+            extra = {"ContinuationToken": token} if token else {}
+            page = self.riding_out_outages(
+                lambda: self.client().list_objects_v2(Bucket=bucket, Prefix=prefix, **extra),
+                f"listing s3://{bucket}/{prefix}")
+            yield page
+            token = page.get("NextContinuationToken")
+            if not page.get("IsTruncated") or not token:
+                return
 
     def delete(self, uri: str) -> None:
         """Delete one object if it exists."""
@@ -368,13 +494,3 @@ def _nearest_existing(path: str) -> str:
             break
         path = parent
     return path or "."
-
-
-def read_table(storage: Storage, uri: str):
-    """A small CSV or Parquet table (a manifest) as a pandas DataFrame."""
-    import pandas as pd
-
-    data = io.BytesIO(storage.read_bytes(uri))
-    if uri.lower().endswith(".parquet"):
-        return pd.read_parquet(data)
-    return pd.read_csv(data)

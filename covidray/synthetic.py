@@ -55,7 +55,7 @@ def encode(image: Image.Image, fmt: str) -> bytes:
     return buffer.getvalue()
 
 
-def synthetic_dataset(n_covid: int, n_non_covid: int, seed: int = 0):
+def synthetic_dataset(n_covid: int, n_non_covid: int, seed: int):
     """Yield ``(relative_path, label, patient_id, bytes)``; two images per patient, mixed formats."""
     rng = np.random.default_rng(seed)
     formats = ("jpg", "png", "png16")

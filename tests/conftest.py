@@ -7,7 +7,6 @@ writes under its own prefix.
 
 from __future__ import annotations
 
-import io
 import os
 import socket
 import sys
@@ -15,7 +14,7 @@ import uuid
 
 import pytest
 
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # same mode as infra/local/ray_head.py
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # the mode infra/local/ray_head.py uses
 os.environ["AWS_EC2_METADATA_DISABLED"] = "true"
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 
@@ -37,10 +36,17 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="session")
-def s3_env(tmp_path_factory):
+def s3_service(tmp_path_factory):
+    """Where the session's SeaweedFS server keeps its data, and its port (fault tests stop
+    and restart it there)."""
+    return {"directory": str(tmp_path_factory.mktemp("s3")), "port": free_port()}
+
+
+@pytest.fixture(scope="session")
+def s3_env(s3_service):
     """A running SeaweedFS S3 server; its client variables are exported to this process."""
-    directory = str(tmp_path_factory.mktemp("s3"))
-    env = s3_server.start(directory, free_port())
+    directory = s3_service["directory"]
+    env = s3_server.start(directory, s3_service["port"])
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     yield env
@@ -91,29 +97,26 @@ def upload_synthetic(storage: Storage, data_uri: str, n_covid: int, n_non_covid:
         rows.append({"file": relative, "label": label, "patient_id": patient,
                      "source": f"synthetic-{label}"})
     manifest = f"{data_uri}/manifest.csv"
-    storage.write_bytes(manifest, pd.DataFrame(rows).to_csv(index=False).encode())
-    return manifest
+    return storage.write_table(manifest, pd.DataFrame(rows))
 
 
 @pytest.fixture(scope="session")
 def trained_run(storage, ray_local):
     """A run trained for 2 epochs on synthetic data and exported: the shared model under test."""
-    from covidray.export import export_run
-    from covidray.train import TrainConfig, fit
+    from covidray.stages.export import ExportConfig, export_run
+    from covidray.stages.train import TrainConfig, fit
 
     root = f"s3://{BUCKET}/session-run-{uuid.uuid4().hex[:8]}"
     manifest = upload_synthetic(storage, f"{root}/data", 16, 16)
-    config = TrainConfig(data=manifest, output=f"{root}/run", epochs=2, batch_size=8, lr=1e-3,
+    config = TrainConfig(data=manifest, run=f"{root}/run", epochs=2, batch_size=8, lr=1e-3,
                          weights="none", covid_target=20, val_fraction=0.25, test_fraction=0.25)
     summary = fit(config, storage)
-    report = export_run(config.output, storage)
-    return {"root": root, "manifest": manifest, "run": config.output, "config": config,
+    report = export_run(ExportConfig(run=config.run), storage)
+    return {"root": root, "manifest": manifest, "run": config.run, "config": config,
             "train": summary, "export": report}
 
 
-def read_parquet_dir(storage: Storage, uri: str):
-    import pandas as pd
-
-    parts = [pd.read_parquet(io.BytesIO(storage.read_bytes(u)))
-             for u in storage.list_files(uri, (".parquet",))]
-    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
+def copy_prefix(storage: Storage, source: str, target: str) -> None:
+    """Copy every object under ``source`` to the same relative key under ``target``."""
+    for uri in storage.list_files(source):
+        storage.write_bytes(target + uri[len(source):], storage.read_bytes(uri))

@@ -3,15 +3,20 @@
 import numpy as np
 import pandas as pd
 import pytest
+from sklearn.calibration import calibration_curve
 from sklearn.metrics import average_precision_score, brier_score_loss, roc_auc_score
 
 from covidray.evaluation import (average_precision, bootstrap_interval, breakdown, calibration,
                                  evaluate_split, labelled, threshold_for_sensitivity,
                                  wilson_interval, with_columns)
 from covidray.figures import histograms_by_png
-from covidray.layout import RunLayout
+from covidray.layout import EvalLayout, RunLayout, ScoreLayout
 from covidray.metrics import is_positive
-from covidray.report import evaluate_run, read_predictions
+from covidray.images import RECIPE
+from covidray.stages.evaluate import EvaluateConfig, evaluate_run
+from covidray.stages.score import ScoreConfig, score_archive
+
+from conftest import copy_prefix
 
 
 def frame(n=300, seed=0):
@@ -50,9 +55,9 @@ def test_threshold_for_sensitivity_is_the_highest_reaching_the_target():
 
 def test_bootstrap_resamples_whole_patients():
     data = labelled(frame())  # every patient has exactly 3 images
-    whole_patients = bootstrap_interval(data, lambda s, t: float(len(s) % 3 == 0), 200)
+    whole_patients = bootstrap_interval(data, lambda s, t: float(len(s) % 3 == 0), 200, seed=0)
     assert whole_patients == (1.0, 1.0)
-    low, high = bootstrap_interval(data, lambda s, t: roc_auc_score(t, s), 300)
+    low, high = bootstrap_interval(data, lambda s, t: roc_auc_score(t, s), 300, seed=0)
     assert low < roc_auc_score(data["target"], data["score"]) < high
 
 
@@ -61,6 +66,10 @@ def test_brier_and_reliability_bins():
     result = calibration(data["score"], data["target"])
     assert result["brier"] == pytest.approx(brier_score_loss(data["target"], data["score"]))
     assert sum(b["images"] for b in result["bins"]) == len(data)
+    filled = [b for b in result["bins"] if b["images"]]
+    fraction, mean = calibration_curve(data["target"], data["score"], n_bins=10)
+    assert [b["fraction_covid"] for b in filled] == pytest.approx(fraction.tolist())
+    assert [b["mean_score"] for b in filled] == pytest.approx(mean.tolist())
 
 
 def test_breakdown_gives_auc_only_where_both_classes_exist():
@@ -92,13 +101,21 @@ def test_operating_point_comes_from_validation_not_test():
     assert point["test"]["sensitivity"] == pytest.approx(test_at)
 
 
-def test_evaluate_run_writes_a_report_that_matches_its_predictions(storage, trained_run,
-                                                                   ray_local):
-    output = f"{trained_run['root']}/eval"
-    headline = evaluate_run(trained_run["run"], storage, 0.9, output, bootstrap=100)
-    report = storage.read_json(f"{output}/report/report.json")
-    test = labelled(read_predictions(storage, f"{output}/test"))
-    val = labelled(read_predictions(storage, f"{output}/val"))
+@pytest.fixture(scope="module")
+def evaluated(storage, trained_run, ray_local):
+    """``covidray evaluate`` on a copy of the shared run (its model card stays with the copy)."""
+    run = f"{trained_run['root']}/evaluated-run"
+    copy_prefix(storage, trained_run["run"], run)
+    layout = EvalLayout(f"{trained_run['root']}/eval")
+    config = EvaluateConfig(run=run, eval_dir=layout.root, target_sensitivity=0.9, bootstrap=100)
+    return {"run": run, "layout": layout, "headline": evaluate_run(config, storage)}
+
+
+def test_evaluate_run_writes_a_report_that_matches_its_predictions(storage, evaluated):
+    layout, headline = evaluated["layout"], evaluated["headline"]
+    report = storage.read_json(layout.report_file("report.json"))
+    test, val = (labelled(storage.read_parquet_dir(ScoreLayout(layout.scores(split)).predictions))
+                 for split in ("test", "val"))
     assert set(test["group"]).isdisjoint(val["group"])  # patient-disjoint splits
     assert report["roc_auc"] == pytest.approx(roc_auc_score(test["target"], test["score"]))
     assert report["operating_point"]["threshold"] == threshold_for_sensitivity(
@@ -108,9 +125,35 @@ def test_evaluate_run_writes_a_report_that_matches_its_predictions(storage, trai
         assert entry["tp"] == int((predicted & (test["target"] == 1)).sum())
         assert entry["fp"] == int((predicted & (test["target"] == 0)).sum())
     assert headline["weights"].startswith("random initialisation")
-    page = storage.read_bytes(f"{output}/report/report.html").decode()
+    assert headline["report"] == layout.report_file("report.html")
+    page = storage.read_bytes(layout.report_file("report.html")).decode()
     assert page.count("data:image/png;base64,") >= 10
-    summary = storage.read_bytes(f"{output}/report/summary.md").decode()
+    summary = storage.read_bytes(layout.report_file("summary.md")).decode()
     assert "| 0.15 |" in summary and "## By source" in summary
-    assert storage.read_bytes(f"{output}/report/calibration.png").startswith(b"\x89PNG")
-    assert RunLayout(trained_run["run"]).onnx  # the run's own model scored both splits
+    assert storage.read_bytes(layout.report_file("calibration.png")).startswith(b"\x89PNG")
+    # Both splits were scored by the run's own exported model, and the config was stored.
+    for split in ("val", "test"):
+        success = storage.read_json(ScoreLayout(layout.scores(split)).success)
+        assert success["model"] == RunLayout(evaluated["run"]).onnx and success["reconciled"]
+    assert storage.read_json(layout.config)["bootstrap"] == 100
+
+
+def test_the_model_card_carries_the_validated_threshold_to_scoring(storage, evaluated, prefix):
+    run = RunLayout(evaluated["run"])
+    card = storage.read_json(run.model_card)
+    report = storage.read_json(evaluated["layout"].report_file("report.json"))
+    assert card["operating_point"]["threshold"] == report["operating_point"]["threshold"]
+    assert card["operating_point"]["chosen_on"] == "val"
+    assert card["inputs"]["preprocessing"] == RECIPE and "Not a diagnostic" in card["intended_use"]
+    assert sum(card["training_data"]["train"][s].get("covid", 0)
+               for s in card["training_data"]["train"]) > 0
+
+    archive = evaluated["layout"].manifest("test")
+    by_card = score_archive(ScoreConfig(archive, run.onnx, f"{prefix}/card"), storage)
+    assert by_card["threshold"] == card["operating_point"]["threshold"]
+    assert by_card["threshold_source"].startswith("model card")
+    predictions = storage.read_parquet_dir(ScoreLayout(f"{prefix}/card").predictions)
+    assert (predictions["threshold"] == card["operating_point"]["threshold"]).all()
+    overridden = score_archive(ScoreConfig(archive, run.onnx, f"{prefix}/given", threshold=0.3),
+                               storage)
+    assert (overridden["threshold"], overridden["threshold_source"]) == (0.3, "--threshold")

@@ -8,7 +8,7 @@ from covidray.cluster import plan_resources
 from covidray.datasets import model_inputs
 from covidray.features import backbone, extract_features
 from covidray.model import build_model, freeze_for, head
-from covidray.train import evaluate, train_one_epoch
+from covidray.loop import evaluate, train_one_epoch
 
 from test_model_and_loop import synthetic_batches
 

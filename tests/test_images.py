@@ -82,3 +82,25 @@ def test_normalize_repeats_gray_and_applies_imagenet_statistics():
 def test_preprocess_is_decode_then_pixels_then_normalize():
     data = encoded(Image.fromarray(gradient().astype(np.uint8)), "PNG")
     assert np.array_equal(preprocess(data), normalize(to_input_pixels(decode_xray(data))))
+
+
+def test_16_bit_window_rounds_exactly():
+    values = np.array([[1000, 1001, 1002, 3000]], dtype=np.uint16).repeat(4, axis=0)
+    out = np.asarray(decode_xray(encoded(Image.fromarray(values))))[0]
+    expected = np.floor((values[0].astype(float) - 1000) * 255 / 2000 + 0.5).astype(np.uint8)
+    assert out.tolist() == expected.tolist()
+
+
+@pytest.mark.parametrize("size,reason", [((1, 60000), "aspect ratio"),
+                                         ((7000, 7000), "image too large")])
+def test_images_that_would_take_unbounded_memory_are_refused_from_the_header(size, reason):
+    """A tiny file may claim a huge or absurdly thin image: refused before decoding."""
+    import resource
+
+    data = encoded(Image.new("L", size, 0))
+    assert len(data) < 200_000
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(DecodeError, match=reason):
+        decode_xray(data)
+    grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    assert grown_mb < 100

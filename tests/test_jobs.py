@@ -1,5 +1,6 @@
 """`ray job submit` against a real `ray start --head` cluster runs every stage."""
 
+import asyncio
 import time
 
 import pytest
@@ -7,7 +8,7 @@ import pytest
 import ray_head
 from covidray.layout import RunLayout, ScoreLayout
 
-from conftest import BUCKET, REPO, free_port, read_parquet_dir
+from conftest import BUCKET, REPO, free_port
 
 pytestmark = pytest.mark.cluster
 
@@ -22,22 +23,32 @@ def ray_cluster(tmp_path_factory, s3_env):
     ray_head.stop(directory)
 
 
-def submit_and_wait(address: str, entrypoint: str, env: dict, timeout: float = 600) -> str:
-    from ray.job_submission import JobStatus, JobSubmissionClient
+def run_job(address: str, entrypoint: str, env: dict, timeout: float = 600) -> tuple[str, str]:
+    """Submit a job and wait until it ends (its log stream closes); returns (status, logs)."""
+    from ray.job_submission import JobSubmissionClient
 
     client = JobSubmissionClient(address)
     job = client.submit_job(entrypoint=entrypoint,
                             runtime_env={"working_dir": REPO, "env_vars": env})
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        status = client.get_job_status(job)
-        if status in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
-            logs = client.get_job_logs(job)
-            assert status == JobStatus.SUCCEEDED, logs[-4000:]
-            return logs
-        time.sleep(2)
-    client.stop_job(job)
-    raise AssertionError(f"job {job} did not finish in {timeout}s")
+
+    async def follow():
+        async for _ in client.tail_job_logs(job):  # ends when the job reaches a final state
+            pass
+
+    try:
+        asyncio.run(asyncio.wait_for(follow(), timeout))
+    except TimeoutError:
+        client.stop_job(job)
+        raise AssertionError(f"job {job} did not finish in {timeout}s") from None
+    return client.get_job_status(job), client.get_job_logs(job)
+
+
+def submit_and_wait(address: str, entrypoint: str, env: dict) -> str:
+    from ray.job_submission import JobStatus
+
+    status, logs = run_job(address, entrypoint, env)
+    assert status == JobStatus.SUCCEEDED, logs[-4000:]
+    return logs
 
 
 def test_demo_job_runs_train_export_and_score_on_a_ray_start_cluster(ray_cluster, s3_env, storage):
@@ -52,21 +63,15 @@ def test_demo_job_runs_train_export_and_score_on_a_ray_start_cluster(ray_cluster
         assert storage.exists(artifact), artifact
     summary = storage.read_json(ScoreLayout(scores).success)
     assert summary["failed"] == 3 and summary["listed"] == summary["scored"] + 3
-    assert len(read_parquet_dir(storage, ScoreLayout(scores).errors)) == 3
+    assert len(storage.read_parquet_dir(ScoreLayout(scores).errors)) == 3
 
 
 def test_score_job_with_wrong_credentials_fails_with_a_clear_message(ray_cluster, s3_env):
-    env = {**s3_env, "AWS_SECRET_ACCESS_KEY": "wrong"}
-    from ray.job_submission import JobStatus, JobSubmissionClient
+    from ray.job_submission import JobStatus
 
-    client = JobSubmissionClient(ray_cluster)
-    job = client.submit_job(
-        entrypoint=f"python jobs/score.py --archive s3://{BUCKET}/x --model s3://{BUCKET}/m.onnx "
-                   f"--output s3://{BUCKET}/y",
-        runtime_env={"working_dir": REPO, "env_vars": env})
-    for _ in range(120):
-        if client.get_job_status(job) in (JobStatus.SUCCEEDED, JobStatus.FAILED):
-            break
-        time.sleep(1)
-    assert client.get_job_status(job) == JobStatus.FAILED
-    assert "rejected the credentials" in client.get_job_logs(job)
+    env = {**s3_env, "AWS_SECRET_ACCESS_KEY": "wrong"}
+    status, logs = run_job(
+        ray_cluster, f"python jobs/score.py --archive s3://{BUCKET}/x --model s3://{BUCKET}/m.onnx "
+                     f"--output s3://{BUCKET}/y", env, timeout=300)
+    assert status == JobStatus.FAILED
+    assert "rejected the credentials" in logs

@@ -11,7 +11,7 @@ from covidray.datasets import load_pixels
 from covidray.model import (WeightsUnavailable, build_model, checkpoint_bytes, freeze_for,
                             load_weights, set_train_mode)
 from covidray.synthetic import encode, synthetic_xray
-from covidray.train import evaluate, train_one_epoch
+from covidray.loop import evaluate, train_one_epoch
 
 
 def imagenet_like_state_dict(seed: int = 0) -> dict:

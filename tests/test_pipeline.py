@@ -1,6 +1,6 @@
 """Train -> export -> score on a real local Ray instance, real S3 server, real onnxruntime."""
 
-import io
+import dataclasses
 import json
 
 import numpy as np
@@ -9,19 +9,21 @@ import pytest
 from sklearn.metrics import confusion_matrix, roc_auc_score
 
 from covidray.datasets import model_inputs
-from covidray.export import (ExportParityError, export_onnx, model_metadata, onnx_session,
-                             parity_check, parity_inputs, read_metadata)
+from covidray.features import extract_features
 from covidray.images import RECIPE, preprocess
 from covidray.layout import RunLayout, ScoreLayout
 from covidray.metrics import is_positive
-from covidray.features import extract_features
 from covidray.model import build_model, initial_model, load_checkpoint, model_from_checkpoint
-from covidray.scoring import archive_index, loaded_images, score_archive
+from covidray.onnx_model import (ExportParityError, export_onnx, model_metadata, onnx_session,
+                                 parity_check, read_metadata)
+from covidray.stages.export import parity_inputs
+from covidray.stages.score import (ScoreConfig, loaded_images, score_archive, snapshot_index,
+                                   staged_index)
+from covidray.stages.train import TrainConfig, fit, image_stream, latest_checkpoint
 from covidray.storage import StorageError
 from covidray.synthetic import encode, synthetic_xray
-from covidray.train import TrainConfig, fit, image_stream, latest_checkpoint
 
-from conftest import read_parquet_dir, upload_synthetic
+from conftest import copy_prefix, upload_synthetic
 
 
 def test_training_writes_checkpoint_history_and_splits(storage, trained_run):
@@ -31,7 +33,7 @@ def test_training_writes_checkpoint_history_and_splits(storage, trained_run):
     assert {"train_loss", "val_loss", "val_auc"} <= set(checkpoint["history"][-1])
     assert checkpoint["config"]["weights"] == "none"
     assert storage.read_json(layout.history) == json.loads(json.dumps(checkpoint["history"]))
-    splits = pd.read_parquet(io.BytesIO(storage.read_bytes(layout.splits)))
+    splits = storage.read_table(layout.splits)
     assert splits.groupby("patient_id")["split"].nunique().max() == 1
     assert latest_checkpoint(storage, layout) is not None
 
@@ -41,29 +43,33 @@ def test_frozen_backbone_run_trains_on_stored_features(storage, trained_run):
 
     layout = RunLayout(trained_run["run"])
     for split in ("train", "val"):
-        features = read_parquet_dir(storage, layout.features(split))
+        features = storage.read_parquet_dir(layout.features(split))
         assert len(features) and np.asarray(features["features"].iloc[0]).shape == (512,)
-    assert (read_parquet_dir(storage, layout.features("train"))["copy"] > 0).any()  # grown COVID
+    assert (storage.read_parquet_dir(layout.features("train"))["copy"] > 0).any()  # grown COVID
     checkpoint = load_checkpoint(storage, layout.model_checkpoint)
     start = initial_model("none", trained_run["config"].seed)
     assert torch.equal(checkpoint["model"]["layer4.1.conv2.weight"], start.layer4[1].conv2.weight)
     assert not torch.equal(checkpoint["model"]["fc.weight"], start.fc.weight)
     # The stored features are what the final model's backbone makes of those images, so
     # the head trained on them is the head the exported model applies.
-    features = read_parquet_dir(storage, layout.features("val"))
+    features = storage.read_parquet_dir(layout.features("val"))
     model = model_from_checkpoint(checkpoint)
     for row in features.head(3).itertuples():
         expected = extract_features(model, preprocess(storage.read_bytes(row.uri)))[0]
         assert np.abs(np.asarray(row.features) - expected).max() < 1e-4
 
 
-def test_resume_continues_from_the_latest_checkpoint(storage, trained_run):
-    config = TrainConfig(**{**trained_run["config"].to_dict(), "epochs": 3, "resume": True,
-                            "augment": trained_run["config"].augment})
+def test_resume_continues_from_the_latest_checkpoint(storage, trained_run, prefix):
+    # A copy of the shared run: resuming must not change what the other tests read.
+    copy_prefix(storage, trained_run["run"], f"{prefix}/run")
+    config = dataclasses.replace(trained_run["config"], run=f"{prefix}/run", epochs=3,
+                                 resume=True)
     summary = fit(config, storage)
     assert summary["epochs"] == 3
-    history = load_checkpoint(storage, RunLayout(config.output).model_checkpoint)["history"]
+    history = load_checkpoint(storage, RunLayout(config.run).model_checkpoint)["history"]
     assert [h["epoch"] for h in history] == [0, 1, 2]  # epochs 0-1 restored, only 2 re-run
+    original = load_checkpoint(storage, RunLayout(trained_run["run"]).model_checkpoint)
+    assert history[:2] == original["history"]  # the restored epochs are the original's
 
 
 def test_onnx_carries_metadata_and_a_dynamic_batch(storage, trained_run):
@@ -95,7 +101,7 @@ def test_parity_check_fails_when_onnx_differs_from_torch():
 def test_training_export_and_scoring_preprocess_identically(storage, trained_run, ray_local):
     """The same file through the three real pipelines gives bit-identical model input."""
     layout = RunLayout(trained_run["run"])
-    splits = pd.read_parquet(io.BytesIO(storage.read_bytes(layout.splits)))
+    splits = storage.read_table(layout.splits)
     held_out = pd.concat([splits[splits["split"] == s] for s in ("test", "val", "train")])
     uri = held_out["uri"].iloc[0]
     reference = preprocess(storage.read_bytes(uri))[0]
@@ -107,9 +113,11 @@ def test_training_export_and_scoring_preprocess_identically(storage, trained_run
     from_export = parity_inputs(storage, layout, count=1)[0]
     # scoring: the archive index + loading stages of score_archive
     archive = f"{trained_run['root']}/one.csv"
-    storage.write_bytes(archive, pd.DataFrame({"uri": [uri]}).to_csv(index=False).encode())
-    index = archive_index(storage, archive, f"{trained_run['root']}/_staging-parity")
-    score_batch = next(iter(loaded_images(index, storage, 8, 0.5).iter_batches(batch_format="numpy")))
+    storage.write_table(archive, pd.DataFrame({"uri": [uri]}))
+    staging = f"{trained_run['root']}/_staging-parity"
+    assert snapshot_index(storage, archive, staging) == 1
+    score_batch = next(iter(loaded_images(staged_index(storage, staging), storage, 8, 0.5)
+                            .iter_batches(batch_format="numpy")))
     from_scoring = model_inputs(score_batch)[0][0]
 
     for name, array in (("training", from_training), ("export", from_export),
@@ -135,19 +143,20 @@ def test_scoring_an_archive_with_unreadable_files(storage, trained_run, prefix, 
     archive, output = f"{prefix}/archive", f"{prefix}/out"
     bad_archive(storage, archive)
     model = RunLayout(trained_run["run"]).onnx
-    summary = score_archive(archive, model, output, storage, threshold=0.5, batch_size=4)
+    summary = score_archive(ScoreConfig(archive, model, output, threshold=0.5, batch_size=4),
+                            storage)
     layout = ScoreLayout(output)
 
     assert (summary["listed"], summary["scored"], summary["failed"]) == (9, 6, 3)
     assert summary["reconciled"] and storage.read_json(layout.success)["listed"] == 9
-    errors = read_parquet_dir(storage, layout.errors).set_index("uri")
+    errors = storage.read_parquet_dir(layout.errors).set_index("uri")
     assert set(errors.index) == {f"{archive}/non_covid/truncated.jpg", f"{archive}/covid/empty.png",
                                  f"{archive}/covid/text.png"}
     assert "truncated" in errors.loc[f"{archive}/non_covid/truncated.jpg", "error"]
     assert "empty file" in errors.loc[f"{archive}/covid/empty.png", "error"]
     assert "not an image" in errors.loc[f"{archive}/covid/text.png", "error"]
 
-    predictions = read_parquet_dir(storage, layout.predictions)
+    predictions = storage.read_parquet_dir(layout.predictions)
     assert len(predictions) == 6 and predictions["uri"].is_unique
     # Each score is what onnxruntime gives for the library's preprocessing of that file.
     session = onnx_session(storage.read_bytes(model))
@@ -176,39 +185,118 @@ def test_manifest_archive_records_missing_objects_and_skips_metrics_without_labe
         storage, trained_run, prefix, ray_local):
     storage.write_bytes(f"{prefix}/a.png", encode(synthetic_xray(True, np.random.default_rng(1)), "png"))
     manifest = f"{prefix}/archive.parquet"
-    buffer = io.BytesIO()
-    pd.DataFrame({"uri": [f"{prefix}/a.png", f"{prefix}/gone.png"]}).to_parquet(buffer)
-    storage.write_bytes(manifest, buffer.getvalue())
-    summary = score_archive(manifest, RunLayout(trained_run["run"]).onnx, f"{prefix}/out", storage)
+    storage.write_table(manifest, pd.DataFrame({"uri": [f"{prefix}/a.png", f"{prefix}/gone.png"]}))
+    summary = score_archive(ScoreConfig(manifest, RunLayout(trained_run["run"]).onnx,
+                                        f"{prefix}/out"), storage)
     assert (summary["listed"], summary["scored"], summary["failed"]) == (2, 1, 1)
     assert "metrics" not in summary
-    errors = read_parquet_dir(storage, ScoreLayout(f"{prefix}/out").errors)
+    errors = storage.read_parquet_dir(ScoreLayout(f"{prefix}/out").errors)
     assert errors["error"].iloc[0].startswith("read failed")
 
 
 def test_scoring_refuses_a_missing_model_before_any_work(storage, prefix):
     storage.write_bytes(f"{prefix}/archive/x.png", b"")
     with pytest.raises(StorageError, match="not found: run `covidray export`"):
-        score_archive(f"{prefix}/archive", f"{prefix}/nope.onnx", f"{prefix}/out", storage)
+        score_archive(ScoreConfig(f"{prefix}/archive", f"{prefix}/nope.onnx", f"{prefix}/out"),
+                      storage)
 
 
 def test_training_refuses_unlabelled_images(storage, prefix, ray_local):
     upload_synthetic(storage, f"{prefix}/data", 2, 2)
     storage.write_bytes(f"{prefix}/data/unsorted/x.png", b"")
     with pytest.raises(ValueError, match="have no label"):
-        fit(TrainConfig(data=f"{prefix}/data", output=f"{prefix}/run", epochs=1, weights="none"),
+        fit(TrainConfig(data=f"{prefix}/data", run=f"{prefix}/run", epochs=1, weights="none"),
             storage)
 
 
 def test_two_training_workers_split_the_training_data(storage, prefix, ray_local):
     manifest = upload_synthetic(storage, f"{prefix}/data", 8, 8)
-    config = TrainConfig(data=manifest, output=f"{prefix}/run", epochs=1, batch_size=4,
-                         lr=1e-3, weights="none", workers=2, val_fraction=0.25,
+    config = TrainConfig(data=manifest, run=f"{prefix}/run", epochs=1, batch_size=4,
+                         lr=1e-3, weights="none", workers=2, val_fraction=0.25, covid_target=0,
                          test_fraction=0.0, train_layers="all")
     summary = fit(config, storage)
-    history = load_checkpoint(storage, RunLayout(config.output).model_checkpoint)["history"]
-    train_rows = (pd.read_parquet(io.BytesIO(storage.read_bytes(RunLayout(config.output).splits)))
-                  ["split"] == "train").sum()
+    history = load_checkpoint(storage, RunLayout(config.run).model_checkpoint)["history"]
+    train_rows = (storage.read_table(RunLayout(config.run).splits)["split"] == "train").sum()
     # rank 0 saw its shard only: about half of the training images, never all of them
     assert 0 < history[0]["train_images"] < train_rows
     assert summary["epochs"] == 1
+
+
+def test_keys_with_question_marks_and_hashes_are_scored_from_their_own_bytes(
+        storage, trained_run, prefix, ray_local):
+    """'a.jpg?v=2.jpg' is its own object, never 'a.jpg' read under another name."""
+    rng = np.random.default_rng(11)
+    names = ["good_0.jpg", "good_0.jpg?v=2.jpg", "good_0.jpg#copy.png"]
+    for i, name in enumerate(names):
+        storage.write_bytes(f"{prefix}/archive/{name}",
+                            encode(synthetic_xray(i % 2 == 1, rng), "png"))
+    model = RunLayout(trained_run["run"]).onnx
+    summary = score_archive(ScoreConfig(f"{prefix}/archive", model, f"{prefix}/out"), storage)
+    assert (summary["listed"], summary["scored"]) == (3, 3)
+    predictions = storage.read_parquet_dir(ScoreLayout(f"{prefix}/out").predictions)
+    session = onnx_session(storage.read_bytes(model))
+    assert sorted(predictions["uri"]) == sorted(f"{prefix}/archive/{n}" for n in names)
+    for row in predictions.itertuples():
+        own = session.run(["probabilities"], {"input": preprocess(storage.read_bytes(row.uri))})
+        assert row.score == pytest.approx(float(own[0][0, 1]), abs=1e-6)
+    assert predictions["score"].nunique() == 3  # three different images, three scores
+
+
+def test_a_rerun_into_a_used_output_leaves_nothing_of_the_previous_run(
+        storage, trained_run, prefix, ray_local):
+    model, output = RunLayout(trained_run["run"]).onnx, f"{prefix}/out"
+    labelled_archive = f"{prefix}/labelled"
+    bad_archive(storage, labelled_archive)
+    score_archive(ScoreConfig(labelled_archive, model, output, threshold=0.3), storage)
+    assert storage.exists(ScoreLayout(output).confusion_png(0.3, operating=True))
+
+    unlabelled = f"{prefix}/unlabelled.csv"
+    storage.write_bytes(f"{prefix}/x.png", encode(synthetic_xray(True, np.random.default_rng(2)),
+                                                  "png"))
+    storage.write_table(unlabelled, pd.DataFrame({"uri": [f"{prefix}/x.png"]}))
+    summary = score_archive(ScoreConfig(unlabelled, model, output), storage)
+    layout = ScoreLayout(output)
+    assert "metrics" not in summary
+    assert list(storage.list_files(layout.metrics)) == []  # no metrics of the old archive
+    assert len(storage.read_parquet_dir(layout.predictions)) == 1
+    assert storage.read_parquet_dir(layout.errors).empty
+    assert storage.read_json(layout.success)["listed"] == 1
+    assert storage.read_json(layout.config)["archive"] == unlabelled
+
+
+@pytest.mark.parametrize("rows,reason", [
+    ({"uri": ["/etc/passwd"]}, "local path"),
+    ({"uri": [""], "label": ["covid"]}, "empty 'uri'"),
+    ({"uri": ["a.png"], "label": ["pneumonia"]}, "labels outside"),
+])
+def test_a_bad_manifest_is_refused_before_any_cluster_work(storage, trained_run, prefix, rows,
+                                                           reason):
+    import ray
+
+    manifest = storage.write_table(f"{prefix}/manifest.csv", pd.DataFrame(rows))
+    connected = ray.is_initialized()
+    with pytest.raises(ValueError, match=reason):
+        score_archive(ScoreConfig(manifest, RunLayout(trained_run["run"]).onnx,
+                                  f"{prefix}/out"), storage)
+    assert ray.is_initialized() == connected  # refused before connecting to Ray
+    assert not storage.exists(ScoreLayout(f"{prefix}/out").success)
+    assert not list(storage.list_files(ScoreLayout(f"{prefix}/out").staging))
+
+
+def test_an_unreconciled_result_is_never_published(storage, trained_run, prefix, ray_local,
+                                                   monkeypatch):
+    import covidray.stages.score as score
+
+    archive = f"{prefix}/archive"
+    bad_archive(storage, archive)
+    real = score.publish_results
+
+    def losing_one(*args):
+        counts = real(*args)
+        return {**counts, "scored": counts["scored"] - 1}
+
+    monkeypatch.setattr(score, "publish_results", losing_one)
+    with pytest.raises(RuntimeError, match="not published: listed 9"):
+        score_archive(ScoreConfig(archive, RunLayout(trained_run["run"]).onnx, f"{prefix}/out"),
+                      storage)
+    assert not storage.exists(ScoreLayout(f"{prefix}/out").success)

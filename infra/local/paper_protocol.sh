@@ -24,4 +24,4 @@ source .local/env.sh  # the local S3 settings for the upload
 .venv/bin/python -c "from covidray.storage import Storage; import sys; sys.exit(0 if Storage().exists('s3://covidray-cxr/data/manifest.csv') else 1)" \
   || .venv/bin/covidray upload --source "$DATA_DIR" --dest s3://covidray-cxr/data
 infra/local/submit.sh jobs/protocol.py --data s3://covidray-cxr/data/manifest.csv \
-  --output "s3://covidray-cxr/runs/$NAME" "${ARGS[@]}"
+  --run "s3://covidray-cxr/runs/$NAME" "${ARGS[@]}"

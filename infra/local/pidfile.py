@@ -45,6 +45,10 @@ def stop_recorded(path: str, whole_group: bool, timeout: float = 30) -> bool:
     deadline = time.time() + timeout
     while time.time() < deadline:
         try:
+            os.waitpid(pid, os.WNOHANG)  # reap it if we started it (else it lingers as a zombie)
+        except ChildProcessError:
+            pass
+        try:
             os.kill(pid, 0)
             time.sleep(0.1)
         except OSError:

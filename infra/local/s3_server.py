@@ -45,11 +45,12 @@ def _credentials(directory: str) -> dict:
             "credentials": [{"accessKey": creds["access_key"], "secretKey": creds["secret_key"]}],
             "actions": ["Admin", "Read", "List", "Tagging", "Write"]}]}
         os.makedirs(directory, exist_ok=True)
-        with open(os.path.join(directory, "s3.json"), "w") as fh:
-            json.dump(identities, fh)
-        with open(path, "w") as fh:
-            json.dump(creds, fh)
-        os.chmod(path, 0o600)
+        for name, content in (("s3.json", identities), ("credentials.json", creds)):
+            # Secrets: readable by their owner only, from the moment they exist.
+            fd = os.open(os.path.join(directory, name), os.O_WRONLY | os.O_CREAT | os.O_TRUNC,
+                         0o600)
+            with os.fdopen(fd, "w") as fh:
+                json.dump(content, fh)
     with open(path) as fh:
         return json.load(fh)
 
@@ -97,10 +98,11 @@ def _ready(env: dict) -> bool:
                                         retries={"total_max_attempts": 1}))
     try:
         client.create_bucket(Bucket="covidray-ready-check")
-    except client.exceptions.BucketAlreadyOwnedByYou:
-        pass
-    except Exception:
-        return False
+    except Exception as exc:
+        # A restart on an existing data directory finds the bucket there: that is ready.
+        code = getattr(exc, "response", {}).get("Error", {}).get("Code")
+        if code not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
+            return False
     try:
         client.put_object(Bucket="covidray-ready-check", Key="probe", Body=b"ok")
         client.delete_object(Bucket="covidray-ready-check", Key="probe")

@@ -1,4 +1,5 @@
-"""ONNX export: one self-contained file, dynamic batch, metadata inside, parity-checked.
+"""The ONNX model: writing it (one self-contained file, dynamic batch, metadata inside),
+checking it against torch, and running it (:class:`OnnxScorer`, the scoring callable).
 
 The exported graph maps ``input`` ``float32[N,3,224,224]`` (the output of
 :func:`covidray.images.normalize`) to ``logits`` and ``probabilities`` ``[N, 2]``.
@@ -14,12 +15,12 @@ import warnings
 import numpy as np
 import torch
 
-from covidray.datasets import LABELS, POSITIVE_LABEL
+from covidray.datasets import model_inputs
 from covidray.images import INPUT_SIZE, RECIPE
-from covidray.layout import RunLayout
-from covidray.model import load_checkpoint, model_from_checkpoint
-from covidray.storage import Storage, read_table
+from covidray.labels import LABELS, POSITIVE_LABEL
+from covidray.metrics import is_positive
 from covidray.model import ScoringModel
+from covidray.storage import Storage
 
 PARITY_TOLERANCE = 1e-4
 META_PREFIX = "covidray."
@@ -59,7 +60,6 @@ def export_onnx(model: torch.nn.Module, metadata: dict) -> bytes:
     return proto.SerializeToString()
 
 
-
 def read_metadata(session) -> dict:
     """The covidray metadata of an onnxruntime session, prefix stripped."""
     raw = session.get_modelmeta().custom_metadata_map
@@ -95,34 +95,37 @@ def parity_check(model: torch.nn.Module, model_bytes: bytes, inputs: np.ndarray,
     return report
 
 
-def parity_inputs(storage: Storage, layout: RunLayout, count: int = 16) -> np.ndarray:
-    """Real images for the parity check: the run's held-out images (test, then val)."""
-    import pandas as pd
-
-    from covidray.datasets import load_pixels, model_inputs
-
-    splits = read_table(storage, layout.splits)
-    held_out = pd.concat([splits[splits["split"] == "test"], splits[splits["split"] == "val"],
-                          splits[splits["split"] == "train"]]).head(count * 2)
-    inputs, _ = model_inputs(load_pixels({"uri": held_out["uri"].to_numpy()}, storage))
-    if not len(inputs):
-        raise ExportParityError("no readable image in the run's splits to check parity on")
-    return inputs[:count]
+def check_recipe(metadata: dict, model_uri: str) -> None:
+    """Refuse a model trained with another preprocessing recipe than this library's."""
+    if "preprocessing" not in metadata:
+        raise ValueError(f"'{model_uri}' has no covidray metadata: export it with `covidray export`")
+    if json.loads(metadata["preprocessing"]) != RECIPE:
+        raise ValueError(f"'{model_uri}' was trained with preprocessing {metadata['preprocessing']}"
+                         f", this covidray uses {RECIPE['name']}: re-export or upgrade")
 
 
-def export_run(run: str, storage: Storage, output: str | None = None) -> dict:
-    """Export ``<run>/model/model.pt`` to ONNX (``output`` or ``<run>/model/model.onnx``),
-    check parity on real images, and write the parity report beside it."""
-    layout = RunLayout(run)
-    checkpoint = load_checkpoint(storage, layout.model_checkpoint)
-    model = model_from_checkpoint(checkpoint)
-    config = checkpoint["config"]
-    metadata = model_metadata(config.get("threshold", 0.5), checkpoint["weights"], config,
-                              checkpoint["epoch"] + 1)
-    data = export_onnx(model, metadata)
-    report = parity_check(model, data, parity_inputs(storage, layout))
-    target = output or layout.onnx
-    storage.write_bytes(target, data)
-    report.update(model=target, bytes=len(data), metadata=metadata)
-    storage.write_json(layout.export_report, report)
-    return report
+class OnnxScorer:
+    """Ray Data callable: loaded batch -> the same rows with ``score``, ``prediction`` and
+    ``threshold``. The model is read from storage once per instance (actor)."""
+
+    def __init__(self, model_uri: str, storage: Storage, threshold: float | None = None,
+                 threads: int = 0, keep: tuple[str, ...] = ()):
+        self.session = onnx_session(storage.read_bytes(model_uri), threads)
+        self.metadata = read_metadata(self.session)
+        check_recipe(self.metadata, model_uri)
+        self.threshold = float(self.metadata["threshold"]) if threshold is None else threshold
+        self.positive = json.loads(self.metadata["class_names"]).index(
+            self.metadata["positive_class"])
+        self.keep = keep
+
+    def __call__(self, batch: dict) -> dict:
+        inputs, ok = model_inputs(batch)
+        scores = np.full(len(ok), np.nan, dtype=np.float64)
+        if ok.any():
+            probabilities = self.session.run(["probabilities"], {"input": inputs})[0]
+            scores[ok] = probabilities[:, self.positive]
+        predicted = is_positive(np.nan_to_num(scores, nan=-1.0), self.threshold)
+        prediction = np.where(ok, np.where(predicted, LABELS[1], LABELS[0]), None)
+        return {**{c: batch[c] for c in self.keep}, "target": batch["target"], "score": scores,
+                "prediction": prediction.astype(object),
+                "threshold": np.full(len(ok), self.threshold), "error": batch["error"]}

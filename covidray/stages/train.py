@@ -1,9 +1,11 @@
-"""Fine-tuning ResNet18: the plain PyTorch loop, and Ray Train around it.
+"""``covidray train``: fine-tune ResNet18 with Ray Train, fed by Ray Data.
 
-:func:`train_one_epoch` and :func:`evaluate` are plain PyTorch over an iterable of
-numpy batches (``pixels``, ``target``); they run without Ray. :func:`train_loop_per_worker`
-is what each Ray Train worker runs, fed by Ray Data shards; :func:`fit` builds the
-datasets and the ``TorchTrainer`` on the driver.
+:class:`TrainConfig` holds every choice a run makes (its defaults are the paper's
+protocol; :data:`PRESETS` holds the others). :func:`fit` runs on the driver: it builds the
+index and splits, streams images through decode and Augmentor with Ray Data, computes
+frozen-backbone features once when only the head trains, and runs
+:func:`train_loop_per_worker` (the plain loop of :mod:`covidray.loop`) in each Ray Train
+worker.
 """
 
 from __future__ import annotations
@@ -13,112 +15,87 @@ import io
 import os
 import tempfile
 import time
-from dataclasses import dataclass, field
-from typing import Iterable
+from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch import nn
 
 from covidray.augment import AugmentConfig, Augmenter
-from covidray.datasets import (INDEX_COLUMNS, POSITIVE_LABEL, assign_splits, grow_class,
-                               load_index, load_pixels, model_inputs)
+from covidray.config import DEFAULT_SEED, from_dict, option, to_dict
+from covidray.datasets import INDEX_COLUMNS, assign_splits, grow_class, load_index, load_pixels
+from covidray.labels import POSITIVE_LABEL
 from covidray.layout import CHECKPOINT_FILE, RunLayout
-from covidray.metrics import DEFAULT_THRESHOLD, roc_auc, summarise
-from covidray.model import (build_model, checkpoint_bytes, covid_probability, freeze_for, head,
-                            initial_model, load_checkpoint, set_train_mode)
+from covidray.loop import evaluate, make_checkpoint, train_one_epoch
+from covidray.model import (TRAIN_LAYERS, WeightsUnavailable, build_model, checkpoint_bytes,
+                            describe_weights, freeze_for, head, initial_model, load_checkpoint,
+                            load_weights)
 from covidray.storage import Location, Storage
 
+# Presets are config values: "paper" is TrainConfig's defaults; the others change a few.
+PRESETS = {
+    # Yamani & Malek: ImageNet ResNet18, last layer only, 100 epochs, batch 20, Adam 1e-4,
+    # COVID class grown to 450 with Augmentor (crop, rotation, horizontal/vertical flips).
+    "paper": {},
+    # A few quick epochs that learn something even from random initialisation.
+    "demo": {"epochs": 6, "lr": 1e-3, "weights": "auto", "covid_target": 0,
+             "augment": {"flip_vertical_probability": 0.0}},
+}
+IMAGE_BATCH = 32  # images per Ray Data decode / feature batch (not the training batch)
+EVAL_BATCH = 64  # images (or feature rows) per validation batch
 
-@dataclass
+
+@dataclass(frozen=True)
 class TrainConfig:
     """Every choice a training run makes; stored with the run and inside the exported model."""
 
-    data: str
-    output: str
-    protocol: str = "paper"  # the preset the values came from (see covidray.cli.PRESETS)
-    epochs: int = 100
-    batch_size: int = 20
-    lr: float = 1e-4
-    weights: str = "imagenet"
-    train_layers: str = "fc"
-    workers: int = 1
-    use_gpu: bool = False
-    val_fraction: float = 0.15
-    test_fraction: float = 0.15
-    seed: int = 0
-    covid_target: int = 0  # grow the COVID training class to this many images (augmented copies)
-    threshold: float = DEFAULT_THRESHOLD  # operating threshold stored in the model
-    checkpoint_every: int = 0  # epochs between checkpoints; 0 = auto (1 when all layers train,
-    #                            10 for a head on cached features); the last epoch always is
-    augment: AugmentConfig = field(default_factory=AugmentConfig)
-    resume: bool = False
+    data: str = option("", "labelled images: a manifest (.csv/.parquet with uri/file, label, "
+                           "optional patient_id, split_group, split, source) or a prefix "
+                           "<p>/<label>/<file>", required=True)
+    run: str = option("", "run directory (s3://... or a local path)", required=True)
+    protocol: str = option("paper", "preset for every option not given: paper = the paper's "
+                                    "protocol (these defaults)", choices=tuple(PRESETS))
+    epochs: int = option(100, "passes over the training set")
+    batch_size: int = option(20, "images per training step")
+    lr: float = option(1e-4, "Adam learning rate")
+    weights: str = option("imagenet", "starting weights: imagenet (torchvision IMAGENET1K_V1, "
+                                      "hash-checked), none (random), a state-dict path / s3:// "
+                                      "URI, or auto (imagenet if reachable, else none)")
+    train_layers: str = option("fc", "fc: only the last layer, on a frozen backbone whose "
+                                     "features are computed once (paper); all: every layer",
+                               choices=TRAIN_LAYERS)
+    workers: int = option(1, "Ray Train workers")
+    use_gpu: bool = option(False, "one GPU per training worker")
+    val_fraction: float = option(0.15, "share of patients held out for validation (rows "
+                                       "without a split)")
+    test_fraction: float = option(0.15, "share of patients held out for testing (rows without "
+                                        "a split)")
+    seed: int = option(DEFAULT_SEED, "seeds splits, augmentation and initialisation")
+    covid_target: int = option(450, "grow the COVID training class to this many images with "
+                                    "augmented copies (0 = no copies)")
+    threshold: float = option(0.5, "operating threshold stored in the model (COVID if score "
+                                   ">= it); `covidray evaluate` reports the one chosen on val")
+    checkpoint_every: int = option(0, "epochs between checkpoints (0: every epoch when all "
+                                      "layers train, every 10 for a head on cached features; "
+                                      "the last always)")
+    augment: AugmentConfig = option(factory=AugmentConfig)
+    resume: bool = option(False, "continue from the newest checkpoint under "
+                                 "<run>/train/checkpoints")
+
+    @classmethod
+    def preset(cls, name: str, **values) -> "TrainConfig":
+        """The preset ``name`` (see :data:`PRESETS`), with ``values`` on top."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown protocol '{name}': choose one of {sorted(PRESETS)}")
+        changes = dict(PRESETS[name])
+        augment = dataclasses.replace(AugmentConfig(), **changes.pop("augment", {}))
+        return cls(**{"protocol": name, "augment": augment, **changes, **values})
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return to_dict(self)
 
     @classmethod
     def from_dict(cls, values: dict) -> "TrainConfig":
-        values = dict(values)
-        values["augment"] = AugmentConfig(**values.get("augment", {}))
-        return cls(**values)
-
-
-# --- plain PyTorch -----------------------------------------------------------------------
-
-def batch_tensors(batch: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """A batch -> (inputs, targets) on ``device``, dropping rows that failed to load."""
-    inputs, ok = model_inputs(batch)
-    x = torch.from_numpy(inputs).to(device)
-    y = torch.from_numpy(np.asarray(batch["target"])[ok].astype(np.int64)).to(device)
-    return x, y
-
-
-def train_one_epoch(model: nn.Module, criterion, optimizer, batches: Iterable[dict],
-                    device: torch.device, train_layers: str) -> dict:
-    set_train_mode(model, train_layers)
-    total_loss, seen = 0.0, 0
-    for batch in batches:
-        x, y = batch_tensors(batch, device)
-        if not len(y):
-            continue
-        optimizer.zero_grad(set_to_none=True)
-        loss = criterion(model(x), y)
-        loss.backward()
-        optimizer.step()
-        total_loss += loss.item() * len(y)
-        seen += len(y)
-    return {"train_loss": total_loss / max(seen, 1), "train_images": seen}
-
-
-@torch.inference_mode()
-def evaluate(model: nn.Module, criterion, batches: Iterable[dict], device: torch.device,
-             threshold: float) -> dict:
-    model.eval()
-    losses, scores, targets = [], [], []
-    for batch in batches:
-        x, y = batch_tensors(batch, device)
-        if not len(y):
-            continue
-        logits = model(x)
-        losses.append(criterion(logits, y).item() * len(y))
-        scores.append(covid_probability(logits).cpu().numpy())
-        targets.append(y.cpu().numpy())
-    if not scores:
-        return {"val_images": 0}
-    scores, targets = np.concatenate(scores), np.concatenate(targets)
-    at = summarise(scores, targets, [threshold]).counts_at(threshold)
-    return {"val_images": int(len(targets)), "val_loss": float(sum(losses) / len(targets)),
-            "val_auc": roc_auc(scores, targets), "val_sensitivity": at.sensitivity,
-            "val_specificity": at.specificity, "val_threshold": threshold}
-
-
-def make_checkpoint(model: nn.Module, optimizer, epoch: int, config: TrainConfig,
-                    history: list[dict], weights_note: str) -> dict:
-    state = getattr(model, "module", model).state_dict()
-    return {"model": {k: v.detach().cpu() for k, v in state.items()},
-            "optimizer": optimizer.state_dict(), "epoch": epoch, "config": config.to_dict(),
-            "history": history, "weights": weights_note}
+        return from_dict(cls, values)
 
 
 # --- Ray Train worker --------------------------------------------------------------------
@@ -161,7 +138,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
                    **train_one_epoch(trainable, criterion, optimizer, batches, device, mode)}
         if val_shard is not None:
             metrics.update(evaluate(trainable, criterion,
-                                    val_shard.iter_batches(batch_size=64, batch_format="numpy"),
+                                    val_shard.iter_batches(batch_size=EVAL_BATCH,
+                                                           batch_format="numpy"),
                                     device, config.threshold))
         metrics["epoch_seconds"] = round(time.time() - started, 2)
         history.append(metrics)
@@ -170,7 +148,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         due = (epoch + 1) % every == 0 or epoch + 1 == config.epochs
         with tempfile.TemporaryDirectory() as tmp:
             if rank == 0 and due:  # one copy of the checkpoint, written by rank 0 only
-                state = make_checkpoint(model, optimizer, epoch, config, history,
+                state = make_checkpoint(model, optimizer, epoch, config.to_dict(), history,
                                         loop_config["weights_note"])
                 with open(os.path.join(tmp, CHECKPOINT_FILE), "wb") as fh:
                     fh.write(checkpoint_bytes(state))
@@ -205,7 +183,7 @@ def image_stream(frame, storage: Storage, augmenter=None, data_cpus: float = 1.0
     columns = [c for c in INDEX_COLUMNS if c != "patient_id"]
     return ray.data.from_pandas(frame[columns].reset_index(drop=True)).map_batches(
         load_pixels, fn_kwargs={"storage": storage, "augmenter": augmenter},
-        batch_format="numpy", batch_size=32, num_cpus=data_cpus)
+        batch_format="numpy", batch_size=IMAGE_BATCH, num_cpus=data_cpus)
 
 
 def training_datasets(train_index, val_index, storage: Storage, augmenter,
@@ -230,9 +208,9 @@ def cache_features(datasets: dict, config: TrainConfig, storage: Storage, plan,
         target = Location.parse(layout.features(name))
         storage.delete_prefix(target.uri)
         images.map_batches(
-            BackboneFeatures, batch_format="numpy", batch_size=32, num_cpus=plan.data_cpus,
+            BackboneFeatures, batch_format="numpy", batch_size=IMAGE_BATCH, num_cpus=plan.data_cpus,
             fn_constructor_kwargs={"weights": config.weights, "seed": config.seed,
-                                   "storage": storage, "threads": plan.feature_threads},
+                                   "storage": storage, "threads": plan.inference_threads},
             compute=ray.data.ActorPoolStrategy(min_size=1, max_size=plan.scoring_actors),
         ).write_parquet(target.fs_path, filesystem=storage.filesystem(target))
         # Small (2 KB an image): hold them in the object store, so epochs do not re-read storage.
@@ -250,21 +228,32 @@ def latest_checkpoint(storage: Storage, layout: RunLayout) -> str | None:
     return max(found, key=lambda u: u.rsplit("checkpoint_", 1)[-1]) if found else None
 
 
-def describe_weights(weights: str) -> str:
-    return {"imagenet": "torchvision ResNet18_Weights.IMAGENET1K_V1",
-            "none": "random initialisation (no pretrained weights)"}.get(weights, weights)
+def resolve_weights(weights: str, storage: Storage) -> str:
+    """``auto`` -> ``imagenet`` when those weights load here, else ``none`` (and say so)."""
+    if weights != "auto":
+        return weights
+    try:
+        load_weights("imagenet", storage)
+        return "imagenet"
+    except WeightsUnavailable:
+        print("ImageNet weights are not reachable from here: training from random "
+              "initialisation (weights none). See README 'ImageNet weights offline'.")
+        return "none"
 
 
 def fit(config: TrainConfig, storage: Storage, ray_address: str | None = None) -> dict:
-    """Train on the cluster; writes config, splits, history and ``model.pt`` under ``config.output``.
+    """Train on the cluster; writes config, splits, history and ``model.pt`` under ``config.run``.
 
     Returns a summary dict (epochs run, final metrics, where the artifacts are).
     """
     from covidray.cluster import connect_ray, plan_resources
 
-    layout = RunLayout(config.output)
+    if not config.data or not config.run:
+        raise ValueError("training needs both data (--data) and a run directory (--run)")
+    layout = RunLayout(config.run)
     storage.check(config.data)
-    storage.check(config.output, writable=True)
+    storage.check(config.run, writable=True)
+    config = dataclasses.replace(config, weights=resolve_weights(config.weights, storage))
     # Fail here, on the driver, rather than in every worker.
     build_model(config.weights, storage)
 
@@ -273,7 +262,7 @@ def fit(config: TrainConfig, storage: Storage, ray_address: str | None = None) -
     from ray.train.torch import TorchTrainer
 
     index, train_index = prepare_index(config, storage)
-    storage.write_bytes(layout.splits, _parquet_bytes(index))
+    storage.write_table(layout.splits, index)
     storage.write_json(layout.config, config.to_dict())
     val_index = index[index["split"] == "val"]
     counts = train_index.groupby("label").size().to_dict()
@@ -323,9 +312,3 @@ def fit(config: TrainConfig, storage: Storage, ray_address: str | None = None) -
             "model": layout.model_checkpoint, "history": layout.history,
             "splits": layout.splits, "checkpoints": layout.checkpoints,
             "weights": state["weights"]}
-
-
-def _parquet_bytes(frame) -> bytes:
-    buffer = io.BytesIO()
-    frame.to_parquet(buffer, index=False)
-    return buffer.getvalue()

@@ -1,0 +1,81 @@
+"""Scoring rides out a storage outage within its bound, and fails without publishing beyond it.
+
+The real SeaweedFS server of the session is stopped in the middle of a scoring run and
+started again on the same data directory and port.
+"""
+
+import threading
+import time
+
+import numpy as np
+import pandas as pd
+
+import s3_server
+from covidray.layout import RunLayout, ScoreLayout
+from covidray.stages.score import ScoreConfig, score_archive
+from covidray.storage import Storage, StorageOutage, StorageSettings
+from covidray.synthetic import encode, synthetic_xray
+
+
+def small_archive(storage, root: str, n: int) -> str:
+    rng = np.random.default_rng(3)
+    images = [encode(synthetic_xray(i % 2 == 1, rng, size=(96, 96)), "png") for i in range(8)]
+    rows = []
+    for i in range(n):
+        uri = storage.write_bytes(f"{root}/img-{i:04d}.png", images[i % len(images)])
+        rows.append({"uri": uri, "label": "covid" if i % 2 else "non_covid"})
+    return storage.write_table(f"{root}/manifest.csv", pd.DataFrame(rows))
+
+
+def outage_during(storage, s3_service, started_marker: str, after: float, down_for: float):
+    """A thread that waits for ``started_marker`` to exist, then stops the S3 server for
+    ``down_for`` seconds (restarting it on the same directory and port)."""
+    def run():
+        deadline = time.monotonic() + 120
+        while not storage.exists(started_marker) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        time.sleep(after)
+        s3_server.stop(s3_service["directory"])
+        time.sleep(down_for)
+        s3_server.start(s3_service["directory"], s3_service["port"])
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+def score_through_an_outage(storage, run, prefix, s3_service, down_for: float, bound: float):
+    """Score 400 images while the S3 server is down for ``down_for`` seconds, riding out
+    outages up to ``bound`` seconds; returns (output, the summary or the exception)."""
+    manifest = small_archive(storage, f"{prefix}/archive", 400)
+    output = f"{prefix}/out"
+    outage = outage_during(storage, s3_service, ScoreLayout(output).config, 3.0, down_for)
+    bounded = Storage(StorageSettings(endpoint_url=storage.settings.endpoint_url,
+                                      outage_seconds=bound))
+    try:
+        result = score_archive(ScoreConfig(manifest, RunLayout(run).onnx, output,
+                                           batch_size=16), bounded)
+    except Exception as exc:
+        result = exc
+    outage.join(timeout=60)
+    assert not outage.is_alive()
+    return output, result
+
+
+def test_an_s3_restart_mid_run_is_ridden_out_and_every_image_is_scored(
+        storage, trained_run, prefix, ray_local, s3_service):
+    output, summary = score_through_an_outage(storage, trained_run["run"], prefix, s3_service,
+                                              down_for=6.0, bound=60)
+    assert (summary["listed"], summary["scored"], summary["failed"]) == (400, 400, 0)
+    assert storage.read_parquet_dir(ScoreLayout(output).errors).empty
+
+
+def test_an_outage_longer_than_the_bound_fails_without_publishing(
+        storage, trained_run, prefix, ray_local, s3_service):
+    started = time.monotonic()
+    output, failure = score_through_an_outage(storage, trained_run["run"], prefix, s3_service,
+                                              down_for=15.0, bound=4)
+    assert isinstance(failure, Exception), failure
+    assert time.monotonic() - started < 120
+    assert "kept failing for 4 s" in str(failure) or isinstance(failure, StorageOutage)
+    assert not storage.exists(ScoreLayout(output).success)
