@@ -95,6 +95,7 @@ def parse(argv=None) -> tuple[Stage, object, argparse.Namespace]:
 
 def main(argv=None) -> int:
     stage, config, args = parse(argv)
+    from covidray.lease import LeaseHeld
     from covidray.model import WeightsUnavailable
     from covidray.onnx_model import ExportParityError
     from covidray.storage import StorageError
@@ -103,7 +104,7 @@ def main(argv=None) -> int:
         storage = Storage(StorageSettings.from_env(args.s3_endpoint, args.s3_region,
                                                    args.aws_profile, args.s3_outage_seconds))
         result = stage.run(config, storage, args.ray_address)
-    except (StorageError, WeightsUnavailable, ExportParityError, ValueError) as exc:
+    except (StorageError, WeightsUnavailable, ExportParityError, LeaseHeld, ValueError) as exc:
         print(f"covidray {stage.name}: error: {exc}", file=sys.stderr)
         return 2
     if stage.name == "export":

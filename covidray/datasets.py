@@ -54,10 +54,10 @@ def label_from_path(root: Location, uri: str) -> str | None:
 
 
 def iter_prefix_rows(storage: Storage, uri: str):
-    """``{"uri", "label"}`` for every image file under ``uri``, streamed."""
+    """``{"uri", "label", "etag", "size"}`` for every image file under ``uri``, streamed."""
     root = Location.parse(uri)
-    for file_uri in storage.list_files(uri, IMAGE_SUFFIXES):
-        yield {"uri": file_uri, "label": label_from_path(root, file_uri)}
+    for obj in storage.list_objects(uri, IMAGE_SUFFIXES):
+        yield {**obj, "label": label_from_path(root, obj["uri"])}
 
 
 def _index_from_prefix(storage: Storage, uri: str) -> pd.DataFrame:

@@ -24,6 +24,11 @@ a **scoring output** (``covidray score --output``)::
     <output>/metrics/sweep.csv
     <output>/metrics/confusion_matrix_t0.10.png ... _operating_t0.50.png, score_histogram.png
     <output>/_SUCCESS.json           written last: counts and where the results are
+    <output>/_LEASE.json             held by the run in progress
+  and with ``--incremental`` (nightly runs) the same per run, plus the cumulative view:
+    <output>/runs/<run>/...          one dated part per run (config, predictions, errors, ...)
+    <output>/state/<run>/*.parquet   every object scored so far (uri, etag, size, run), sorted
+    <output>/_CURRENT.json           committed runs and the latest state: what readers use
 
 an **evaluation directory** (``covidray evaluate``; ``<run>/eval`` by default)::
 
@@ -148,6 +153,32 @@ class ScoreLayout(_Layout):
     @property
     def success(self) -> str:
         return self._at("_SUCCESS.json")
+
+    # --- incremental (nightly) scoring: dated run parts and the cumulative view ----------
+    @property
+    def lease(self) -> str:
+        return self._at("_LEASE.json")
+
+    @property
+    def current(self) -> str:
+        """The cumulative view readers use: committed run parts and the state table."""
+        return self._at("_CURRENT.json")
+
+    @property
+    def runs(self) -> str:
+        return self._at("runs")
+
+    def run_part(self, run_id: str) -> str:
+        """One run's part (itself laid out as a scoring output)."""
+        return self._at("runs", run_id)
+
+    @property
+    def states(self) -> str:
+        return self._at("state")
+
+    def state(self, run_id: str) -> str:
+        """The state table after ``run_id``: every object scored so far, URI-sorted."""
+        return self._at("state", run_id)
 
 
 @dataclass(frozen=True)

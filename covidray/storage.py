@@ -347,6 +347,64 @@ class Storage:
                 raise
         return location.uri
 
+    # --- conditional writes (the lease) -------------------------------------------------
+    def put_if_absent(self, uri: str, data: bytes) -> str | None:
+        """Create ``uri`` only if it does not exist; its ETag, or None if it exists."""
+        location = _as_location(uri)
+        if not location.is_s3:
+            os.makedirs(os.path.dirname(location.key), exist_ok=True)
+            try:
+                fd = os.open(location.key, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                return None
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+            return _local_etag(location.key)
+        return self._conditional_put(location, data, IfNoneMatch="*")
+
+    def put_if_match(self, uri: str, data: bytes, etag: str) -> str | None:
+        """Replace ``uri`` only if its ETag is still ``etag``; the new ETag, or None."""
+        location = _as_location(uri)
+        if not location.is_s3:
+            if not os.path.exists(location.key) or _local_etag(location.key) != etag:
+                return None
+            self.write_bytes(uri, data)
+            return _local_etag(location.key)
+        return self._conditional_put(location, data, IfMatch=etag)
+
+    def _conditional_put(self, location: Location, data: bytes, **condition) -> str | None:
+        import botocore.exceptions as bx
+
+        try:
+            response = self.riding_out_outages(
+                lambda: self.client().put_object(Bucket=location.bucket, Key=location.key,
+                                                 Body=data, **condition),
+                f"writing {location.uri}")
+        except bx.ClientError as exc:
+            if exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") in (409, 412):
+                return None
+            raise
+        return response["ETag"]
+
+    def read_with_etag(self, uri: str) -> tuple[bytes, str]:
+        location = _as_location(uri)
+        if not location.is_s3:
+            return self.read_bytes(uri), _local_etag(location.key)
+        response = self.riding_out_outages(
+            lambda: self.client().get_object(Bucket=location.bucket, Key=location.key),
+            f"reading {location.uri}")
+        return response["Body"].read(), response["ETag"]
+
+    def delete_if_match(self, uri: str, etag: str) -> None:
+        """Delete ``uri`` if it is still the version ``etag`` (best effort on S3 servers
+        without conditional deletes: compare, then delete)."""
+        try:
+            _, current = self.read_with_etag(uri)
+        except Exception:
+            return
+        if current == etag:
+            self.delete(uri)
+
     def write_json(self, uri: str, obj) -> str:
         return self.write_bytes(uri, json.dumps(obj, indent=2, default=str).encode(),
                                 "application/json")
@@ -401,6 +459,12 @@ class Storage:
 
     def list_files(self, uri: str, suffixes: tuple[str, ...] | None = None) -> Iterator[str]:
         """Every object (file) under ``uri``, recursively, in key order, streamed page by page."""
+        for obj in self.list_objects(uri, suffixes):
+            yield obj["uri"]
+
+    def list_objects(self, uri: str, suffixes: tuple[str, ...] | None = None) -> Iterator[dict]:
+        """``{"uri", "etag", "size"}`` of every object under ``uri`` (the listing carries the
+        ETag and size: which version of an object it is), streamed page by page."""
         location = _as_location(uri)
         wanted = tuple(s.lower() for s in suffixes) if suffixes else None
         if location.is_s3:
@@ -410,13 +474,16 @@ class Storage:
                     if obj["Key"].endswith("/"):
                         continue  # a directory marker (pyarrow writes them), not a file
                     if wanted is None or obj["Key"].lower().endswith(wanted):
-                        yield f"s3://{location.bucket}/{obj['Key']}"
+                        yield {"uri": f"s3://{location.bucket}/{obj['Key']}",
+                               "etag": obj.get("ETag", ""), "size": int(obj.get("Size", -1))}
         else:
             for root, dirs, files in os.walk(location.key):
                 dirs.sort()
                 for name in sorted(files):
                     if wanted is None or name.lower().endswith(wanted):
-                        yield os.path.join(root, name)
+                        path = os.path.join(root, name)
+                        yield {"uri": path, "etag": _local_etag(path),
+                               "size": os.path.getsize(path)}
 
     def _pages(self, bucket: str, prefix: str):
         """ListObjectsV2 pages, each request riding out outages."""
@@ -481,6 +548,11 @@ class Storage:
             self.client().create_bucket(Bucket=location.bucket)
         except Exception as exc:
             raise self._explain(exc, location) from exc
+
+
+def _local_etag(path: str) -> str:
+    stat = os.stat(path)
+    return f"{stat.st_mtime_ns}-{stat.st_size}"
 
 
 def _as_location(location: Location | str) -> Location:

@@ -1,14 +1,21 @@
 """``covidray score``: score an X-ray archive with onnxruntime on Ray Data.
 
-Pipeline: index (manifest rows, or a listing of a prefix, streamed to Parquet) ->
-:func:`covidray.datasets.load_pixels` in tasks -> :class:`covidray.onnx_model.OnnxScorer`
-in an actor pool (model loaded once per actor) -> staged Parquet -> ``predictions/`` and
-``errors/`` -> metrics (one streaming pass over the sorted scores) -> ``_SUCCESS.json``
-last. Every listed image ends in exactly one of ``predictions`` or ``errors``.
+One run: take the output's lease -> read the archive's index once into a snapshot the run
+owns -> (``--incremental``: keep only objects this model has not scored) -> one Ray Data
+execution (decode in tasks, :class:`covidray.onnx_model.OnnxScorer` in an actor pool) whose
+result batches the driver writes as ``predictions/`` and ``errors/`` parts as they arrive,
+printing progress -> metrics (labelled archives) -> ``_SUCCESS.json`` last, and only when
+every listed image is in exactly one of ``predictions`` or ``errors``.
+
+With ``--incremental`` each run is a dated part (``<output>/runs/<run>/``) and
+``<output>/_CURRENT.json`` is the cumulative view readers use: the committed runs and the
+state table (every object scored so far, for this model). A run killed half-way leaves a
+part without ``_SUCCESS.json``; the next run adopts what it wrote instead of rescoring it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import time
 import uuid
 from dataclasses import dataclass
@@ -20,17 +27,23 @@ from covidray.config import option, to_dict
 from covidray.datasets import (ARCHIVE_COLUMNS, is_manifest, iter_prefix_rows, load_pixels,
                                manifest_to_index, normalise_index)
 from covidray.images import IMAGE_SUFFIXES
+from covidray.incremental import (STATE_COLUMNS, UNKNOWN_ETAG, UNKNOWN_SIZE, frames_of,
+                                  merged_state, not_yet_scored, rows)
 from covidray.labels import LABELS, label_index
 from covidray.layout import ScoreLayout, model_card_beside
+from covidray.lease import Lease
 from covidray.metrics import (PAPER_THRESHOLDS, ScoreSummary, SortedAUC, metrics_report,
                               sweep_csv, sweep_thresholds)
 from covidray.model_card import scoring_threshold
 from covidray.onnx_model import OnnxScorer
 from covidray.storage import Location, Storage, StorageError
 
-PREDICTION_COLUMNS = [*ARCHIVE_COLUMNS, "score", "prediction", "threshold"]
-ERROR_COLUMNS = [*ARCHIVE_COLUMNS, "error"]
+IDENTITY_COLUMNS = ["etag", "size"]  # with the uri: which version of an object was scored
+CARRIED = [*ARCHIVE_COLUMNS, *IDENTITY_COLUMNS]  # what an index row carries to the outputs
+PREDICTION_COLUMNS = [*CARRIED, "score", "prediction", "threshold"]
+ERROR_COLUMNS = [*CARRIED, "error"]
 INDEX_PART_ROWS = 50_000
+RESULT_PART_ROWS = 20_000  # rows per predictions/errors part the driver writes
 
 
 @dataclass(frozen=True)
@@ -47,17 +60,28 @@ class ScoreConfig:
                                       "cluster)")
     allow_local_paths: bool = option(False, "let a manifest held in object storage name local "
                                             "paths, opened on the workers")
+    incremental: bool = option(False, "score only what is new or changed (key + ETag/size) "
+                                      "since the last successful run of this model; each run "
+                                      "is a dated part, <output>/_CURRENT.json the cumulative "
+                                      "view; a killed run is resumed by the next")
+    lease_seconds: float = option(300.0, "a run holds <output>/_LEASE.json, renewed every third "
+                                         "of this; a killed run's lease lapses after it")
+    progress_seconds: float = option(30.0, "seconds between progress lines (each also writes "
+                                           "the results so far: what a resumed run keeps)")
 
+
+# --- the index snapshot ------------------------------------------------------------------
 
 def snapshot_index(storage: Storage, archive: str, staging: str,
                    allow_local_paths: bool = False) -> int:
     """Read the archive's index once, into Parquet parts under ``<staging>/index`` that this
     run owns; returns how many images it lists. A manifest is read in chunks and a prefix
     listed page by page (bounded memory), and every row is validated here, on the driver,
-    before any cluster work: a bad manifest fails with one line."""
+    before any cluster work: a bad manifest fails with one line. Parts of a prefix listing
+    are in URI order (S3 lists keys in that order)."""
     listed = 0
     for part, frame in enumerate(_index_chunks(storage, archive, allow_local_paths)):
-        storage.write_table(f"{staging}/index/part-{part:05d}.parquet", frame[ARCHIVE_COLUMNS])
+        storage.write_table(f"{staging}/index/part-{part:05d}.parquet", _carried(frame))
         listed += len(frame)
     if not listed:
         raise StorageError(f"no images found in '{archive}' "
@@ -65,19 +89,29 @@ def snapshot_index(storage: Storage, archive: str, staging: str,
     return listed
 
 
+def _carried(frame: pd.DataFrame) -> pd.DataFrame:
+    frame = frame.assign(**{c: frame[c] if c in frame else d for c, d in
+                            (("etag", UNKNOWN_ETAG), ("size", UNKNOWN_SIZE))})
+    frame["etag"] = frame["etag"].fillna(UNKNOWN_ETAG).astype(str)
+    frame["size"] = pd.to_numeric(frame["size"], errors="coerce").fillna(UNKNOWN_SIZE) \
+        .astype("int64")
+    return frame[CARRIED]
+
+
 def _index_chunks(storage: Storage, archive: str, allow_local_paths: bool):
     if is_manifest(archive):
         for chunk in _manifest_chunks(storage, archive):
             yield manifest_to_index(chunk, archive, allow_local_paths)
         return
-    rows = []
+    columns = ["uri", "label", "etag", "size"]
+    batch = []
     for row in iter_prefix_rows(storage, archive):
-        rows.append(row)
-        if len(rows) == INDEX_PART_ROWS:
-            yield normalise_index(pd.DataFrame(rows, columns=["uri", "label"]))
-            rows = []
-    if rows:
-        yield normalise_index(pd.DataFrame(rows, columns=["uri", "label"]))
+        batch.append(row)
+        if len(batch) == INDEX_PART_ROWS:
+            yield normalise_index(pd.DataFrame(batch, columns=columns))
+            batch = []
+    if batch:
+        yield normalise_index(pd.DataFrame(batch, columns=columns))
 
 
 def _manifest_chunks(storage: Storage, manifest: str):
@@ -94,11 +128,11 @@ def _manifest_chunks(storage: Storage, manifest: str):
                                    chunksize=INDEX_PART_ROWS)
 
 
-def staged_index(storage: Storage, staging: str):
-    """The run's own index snapshot as a Ray Dataset."""
+def staged_index(storage: Storage, staging: str, name: str = "index"):
+    """A staged table of this run (its index snapshot) as a Ray Dataset."""
     import ray.data
 
-    location = Location.parse(f"{staging}/index")
+    location = Location.parse(f"{staging}/{name}")
     return ray.data.read_parquet(location.fs_path, filesystem=storage.filesystem(location))
 
 
@@ -108,105 +142,332 @@ def loaded_images(index, storage: Storage, batch_size: int, data_cpus: float):
                              batch_size=batch_size, num_cpus=data_cpus)
 
 
+# --- one run -----------------------------------------------------------------------------
+
 def score_archive(config: ScoreConfig, storage: Storage, ray_address: str | None = None) -> dict:
-    """Score every image in ``config.archive``; write predictions, errors and metrics under
-    ``config.output``. Returns the summary also written to ``<output>/_SUCCESS.json``.
+    """Score every image in ``config.archive`` (with ``incremental``: every image this
+    model has not scored yet); write predictions, errors and metrics under
+    ``config.output``. Returns the summary also written to ``_SUCCESS.json``.
 
-    ``_SUCCESS.json`` is published only for a complete, reconciled result (every listed
-    image in predictions or errors); any failure leaves no marker and raises.
+    ``_SUCCESS.json`` is published only for a complete, reconciled result; any failure
+    leaves no marker and raises.
     """
-    from covidray.cluster import connect_ray, plan_resources
-
     started = time.time()
-    archive, model_uri, output = config.archive, config.model, config.output
-    layout = ScoreLayout(output)
-    storage.check(archive)
+    output = config.output
+    storage.check(config.archive)
     storage.check(output, writable=True)
-    if not storage.exists(model_uri):
-        raise StorageError(f"model '{model_uri}' not found: run `covidray export` first or fix --model")
+    if not storage.exists(config.model):
+        raise StorageError(f"model '{config.model}' not found: run `covidray export` first or "
+                           "fix --model")
+    model_bytes = storage.read_bytes(config.model)
     # Load once here so a bad model fails before any work is scheduled.
-    metadata = OnnxScorer(model_uri, storage).metadata
-    card_uri = model_card_beside(model_uri)
+    metadata = OnnxScorer(config.model, storage).metadata
+    card_uri = model_card_beside(config.model)
     card = storage.read_json(card_uri) if storage.exists(card_uri) else None
     threshold, threshold_source = scoring_threshold(config.threshold, card, metadata)
-    print(f"threshold {threshold:.4g} from {threshold_source}")
-    # A re-run unpublishes the previous result first (readers wait for the new marker) and
-    # removes its metrics, so nothing of the old run stands beside the new one.
-    storage.delete(layout.success)
-    storage.delete_prefix(layout.metrics)
-    storage.write_json(layout.config, to_dict(config))
-    staging = layout.staging_run(uuid.uuid4().hex[:8])
-    try:
-        listed = snapshot_index(storage, archive, staging, config.allow_local_paths)
-        ray = connect_ray(ray_address)
-        plan = plan_resources(ray.cluster_resources())
-        results = f"{staging}/results"
-        run_inference(storage, staged_index(storage, staging), results, model_uri, threshold,
-                      config.batch_size, config.actors or plan.scoring_actors,
-                      plan.inference_threads, plan.data_cpus)
-        counts = publish_results(storage, results, layout)
-        if listed != counts["scored"] + counts["failed"]:
-            raise RuntimeError(f"not published: listed {listed} != scored {counts['scored']} + "
-                               f"failed {counts['failed']}")
-        summary = {"archive": archive, "model": model_uri, "output": output, "listed": listed,
-                   "scored": counts["scored"], "failed": counts["failed"],
-                   "threshold": threshold, "threshold_source": threshold_source,
-                   "predictions": layout.predictions,
-                   "errors": layout.errors, "reconciled": True}
-        if counts["labelled"]:
-            summary["metrics"] = publish_metrics(storage, layout, threshold)
-    finally:
-        storage.delete_prefix(staging)
-    summary["seconds"] = round(time.time() - started, 1)
-    storage.write_json(layout.success, summary)
+    print(f"threshold {threshold:.4g} from {threshold_source}", flush=True)
+    run_id = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
+    base = ScoreLayout(output)
+    with Lease(storage, base.lease, config.lease_seconds, f"covidray score {run_id}") as lease:
+        run = Run(config, storage, ray_address, run_id, threshold,
+                  hashlib.sha256(model_bytes).hexdigest()[:16], lease)
+        summary = run.incremental() if config.incremental else run.whole()
+        summary.update(threshold_source=threshold_source,
+                       seconds=round(time.time() - started, 1))
+        if summary.get("nothing_new"):
+            return summary
+        lease.check()
+        storage.write_json(run.layout.success, summary)
+        if config.incremental:  # the cumulative view readers use moves last
+            storage.write_json(base.current, run.current_view(summary))
     return summary
 
 
-def run_inference(storage: Storage, index, results: str, model_uri: str, threshold: float,
-                  batch_size: int, actors: int, threads: int, data_cpus: float) -> None:
-    """The one Ray Data execution: index -> decode (tasks) -> onnxruntime (actors) -> Parquet."""
-    import ray.data
+class Run:
+    """One scoring run into ``config.output``; :meth:`whole` or :meth:`incremental`."""
 
-    location = Location.parse(results)
-    (loaded_images(index, storage, batch_size, data_cpus)
-        .map_batches(OnnxScorer, fn_constructor_kwargs={"model_uri": model_uri,
-                                                        "storage": storage,
-                                                        "threshold": threshold,
-                                                        "threads": threads,
-                                                        "keep": tuple(ARCHIVE_COLUMNS)},
-                     batch_format="numpy", batch_size=batch_size, num_cpus=data_cpus,
-                     compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors))
-        .write_parquet(location.fs_path, filesystem=storage.filesystem(location)))
+    def __init__(self, config: ScoreConfig, storage: Storage, ray_address, run_id: str,
+                 threshold: float, model_digest: str, lease: Lease):
+        self.config, self.storage, self.ray_address = config, storage, ray_address
+        self.run_id, self.threshold, self.model_digest, self.lease = (run_id, threshold,
+                                                                       model_digest, lease)
+        self.base = ScoreLayout(config.output)
+        self.layout = (ScoreLayout(self.base.run_part(run_id)) if config.incremental
+                       else self.base)
+        self.staging = self.base.staging_run(run_id)
+        self._current = None
+
+    def whole(self) -> dict:
+        """Score the whole archive into the output, replacing what a previous run wrote."""
+        storage, layout = self.storage, self.layout
+        # Unpublish first (readers wait for the new marker); nothing of the old run stays.
+        for stale in (layout.success, layout.current):
+            storage.delete(stale)
+        for folder in (layout.metrics, layout.predictions, layout.errors):
+            storage.delete_prefix(folder)
+        storage.write_json(layout.config, {**to_dict(self.config), "run": self.run_id})
+        try:
+            listed = snapshot_index(storage, self.config.archive, self.staging,
+                                    self.config.allow_local_paths)
+            counts = self.score(staged_index(storage, self.staging), listed)
+            return self.finish(listed, counts, listed)
+        finally:
+            storage.delete_prefix(self.staging)
+
+    def incremental(self) -> dict:
+        """Score only the objects not in the state table (nor in a killed run's part)."""
+        storage, base, layout = self.storage, self.base, self.layout
+        storage.write_json(layout.config, {**to_dict(self.config), "run": self.run_id,
+                                           "model_digest": self.model_digest})
+        current = self.current()
+        try:
+            listed = snapshot_index(storage, self.config.archive, self.staging,
+                                    self.config.allow_local_paths)
+            adopted = self.adopt_killed_runs()
+            todo = self.stage_todo(current, adopted)
+            if todo == 0 and adopted == 0:
+                storage.delete_prefix(layout.root)
+                last = current["runs"][-1] if current["runs"] else "none"
+                print(f"nothing new: all {listed} listed objects were already scored by this "
+                      f"model (last run {last})", flush=True)
+                return {"archive": self.config.archive, "output": self.config.output,
+                        "listed": listed, "new": 0, "nothing_new": True, "last_run": last}
+            print(f"{todo} of {listed} listed objects are new or changed", flush=True)
+            counts = self.count_parts()
+            if todo:
+                counts = self.score(staged_index(self.storage, self.staging, "todo"), todo,
+                                    already=counts)
+            summary = self.finish(todo + adopted, counts, listed, new=todo, adopted=adopted)
+            self.write_state(current)
+            return summary
+        finally:
+            storage.delete_prefix(self.staging)
+
+    # --- pieces -------------------------------------------------------------------------
+    def connect(self):
+        from covidray.cluster import connect_ray, plan_resources
+
+        ray = connect_ray(self.ray_address)
+        return plan_resources(ray.cluster_resources())
+
+    def score(self, index, expected: int, already: dict | None = None) -> dict:
+        """The one Ray Data execution; the driver writes result parts as batches arrive."""
+        import ray.data
+
+        plan = self.connect()
+        results = (loaded_images(index, self.storage, self.config.batch_size, plan.data_cpus)
+                   .map_batches(OnnxScorer,
+                                fn_constructor_kwargs={"model_uri": self.config.model,
+                                                       "storage": self.storage,
+                                                       "threshold": self.threshold,
+                                                       "threads": plan.inference_threads,
+                                                       "keep": tuple(CARRIED)},
+                                batch_format="numpy", batch_size=self.config.batch_size,
+                                num_cpus=plan.data_cpus,
+                                compute=ray.data.ActorPoolStrategy(
+                                    min_size=1, max_size=self.config.actors or plan.scoring_actors)))
+        writer = PartWriter(self.storage, self.layout, self.run_id, already,
+                            self.config.progress_seconds)
+        progress = Progress(expected, self.config.progress_seconds)
+        for batch in results.iter_batches(batch_size=None, batch_format="pandas"):
+            writer.add(batch)
+            progress.update(writer.counts["scored"] + writer.counts["failed"]
+                            - writer.start_total)
+        writer.close()
+        progress.done(writer.counts["scored"] + writer.counts["failed"] - writer.start_total)
+        return writer.counts
+
+    def finish(self, expected: int, counts: dict, listed: int, **extra) -> dict:
+        """Reconcile, publish the metrics, and return the summary (not yet the marker)."""
+        self.lease.check()
+        if expected != counts["scored"] + counts["failed"]:
+            raise RuntimeError(f"not published: listed {expected} != scored {counts['scored']} "
+                               f"+ failed {counts['failed']}")
+        for folder, key, columns in ((self.layout.predictions, "scored", PREDICTION_COLUMNS),
+                                     (self.layout.errors, "failed", ERROR_COLUMNS)):
+            if not counts[key]:  # readers always find a table with the right columns
+                _write_empty(self.storage, f"{folder}/part-empty.parquet", columns)
+        summary = {"archive": self.config.archive, "model": self.config.model,
+                   "model_digest": self.model_digest, "output": self.config.output,
+                   "run": self.run_id, "listed": listed, **extra,
+                   "scored": counts["scored"], "failed": counts["failed"],
+                   "threshold": self.threshold, "predictions": self.layout.predictions,
+                   "errors": self.layout.errors, "reconciled": True}
+        if counts["labelled"]:
+            self.connect()
+            summary["metrics"] = publish_metrics(self.storage, self.layout, self.threshold)
+        return summary
+
+    # --- incremental state ------------------------------------------------------------------
+    def current(self) -> dict:
+        """The cumulative view this run started from, or an empty one (also when the model
+        changed)."""
+        if self._current is None:
+            self._current = {"runs": [], "state": None, "model_digest": self.model_digest}
+            if self.storage.exists(self.base.current):
+                current = self.storage.read_json(self.base.current)
+                if current.get("model_digest") == self.model_digest:
+                    self._current = current
+                else:
+                    print(f"the model changed since the last run ({current.get('model_digest')}"
+                          f" -> {self.model_digest}): scoring everything again", flush=True)
+        return self._current
+
+    def adopt_killed_runs(self) -> int:
+        """Move the parts of earlier runs of this model that never published (killed) into
+        this run; returns how many objects they had scored or recorded as failed."""
+        adopted = 0
+        committed = set(self.current()["runs"])
+        for config_uri in self.storage.list_files(self.base.runs, (".json",)):
+            part_root = config_uri.rsplit("/", 1)[0]
+            old = ScoreLayout(part_root)
+            name = part_root.rsplit("/", 1)[-1]
+            if (config_uri != old.config or name == self.run_id or name in committed
+                    or self.storage.exists(old.success)):
+                continue
+            if self.storage.read_json(old.config).get("model_digest") != self.model_digest:
+                continue
+            for folder, target in ((old.predictions, self.layout.predictions),
+                                   (old.errors, self.layout.errors)):
+                for part in self.storage.list_files(folder, (".parquet",)):
+                    if part.endswith("part-empty.parquet"):
+                        continue
+                    adopted += len(self.storage.read_table(part))
+                    self.storage.write_bytes(f"{target}/{name}-{part.rsplit('/', 1)[-1]}",
+                                             self.storage.read_bytes(part))
+            self.storage.delete_prefix(part_root)
+            print(f"resumed: adopted what the unfinished run {name} had written", flush=True)
+        return adopted
+
+    def sorted_keys(self, folders: list[str], columns: list[str]):
+        """Rows of the Parquet parts under ``folders``, URI-sorted by one Ray sort."""
+        import ray.data
+
+        paths = [Location.parse(f) for f in folders
+                 if any(True for _ in self.storage.list_files(f, (".parquet",)))]
+        if not paths:
+            return iter(())
+        self.connect()
+        data = ray.data.read_parquet([p.fs_path for p in paths],
+                                     filesystem=self.storage.filesystem(paths[0]))
+        return rows(data.select_columns(columns).sort("uri").iter_batches(
+            batch_size=65_536, batch_format="pandas"), columns)
+
+    def state_rows(self, current: dict):
+        """The committed state table's rows, in URI order (its parts are written sorted)."""
+        if not current["state"]:
+            return iter(())
+        parts = sorted(self.storage.list_files(current["state"], (".parquet",)))
+        return rows((self.storage.read_table(p) for p in parts), STATE_COLUMNS)
+
+    def stage_todo(self, current: dict, adopted: int) -> int:
+        """Write the objects still to score to ``<staging>/todo``; returns how many."""
+        self.connect()
+        listing = staged_index(self.storage, self.staging).sort("uri").iter_batches(
+            batch_size=65_536, batch_format="pandas")
+        done = merged_state(self.state_rows(current),
+                            (r + (self.run_id,) for r in self.sorted_keys(
+                                [self.layout.predictions, self.layout.errors],
+                                ["uri", "etag", "size"])) if adopted else iter(()))
+        todo = 0
+        for number, frame in enumerate(not_yet_scored(listing, done)):
+            self.storage.write_table(f"{self.staging}/todo/part-{number:05d}.parquet", frame)
+            todo += len(frame)
+        return todo
+
+    def count_parts(self) -> dict:
+        """Counts of what this run's part already holds (adopted parts)."""
+        counts = {"scored": 0, "failed": 0, "labelled": 0}
+        for folder, key in ((self.layout.predictions, "scored"), (self.layout.errors, "failed")):
+            for part in self.storage.list_files(folder, (".parquet",)):
+                frame = self.storage.read_table(part)
+                counts[key] += len(frame)
+                if key == "scored":
+                    counts["labelled"] += int(frame["label"].isin(LABELS).sum())
+        return counts
+
+    def write_state(self, current: dict) -> None:
+        """The next state table generation: the previous one with this run's rows merged in."""
+        new = (r + (self.run_id,) for r in self.sorted_keys(
+            [self.layout.predictions, self.layout.errors], ["uri", "etag", "size"]))
+        target = self.base.state(self.run_id)
+        merged = merged_state(self.state_rows(current), new)
+        for number, frame in enumerate(frames_of(merged, STATE_COLUMNS, INDEX_PART_ROWS)):
+            self.storage.write_table(f"{target}/part-{number:05d}.parquet", frame)
+        self.state = target
+
+    def current_view(self, summary: dict) -> dict:
+        """The new ``_CURRENT.json``: every committed run part and the latest state."""
+        previous = self.current()
+        for old_state in self.storage.list_files(self.base.states, (".parquet",)):
+            if not (old_state.startswith(self.state + "/")
+                    or (previous["state"] and old_state.startswith(previous["state"] + "/"))):
+                self.storage.delete(old_state)  # generations before the last two
+        return {"model": self.config.model, "model_digest": self.model_digest,
+                "runs": [*previous["runs"], self.run_id], "state": self.state,
+                "last_run": summary, "parts": [self.base.run_part(r)
+                                               for r in [*previous["runs"], self.run_id]]}
 
 
-def publish_results(storage: Storage, results: str, layout: ScoreLayout) -> dict:
-    """Split the staged result parts into ``predictions/`` and ``errors/``, part by part
-    (one part in memory at a time); returns the counts."""
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
+class PartWriter:
+    """Result batches -> ``predictions/`` and ``errors/`` parts of at most RESULT_PART_ROWS."""
 
-    counts = {"scored": 0, "failed": 0, "labelled": 0}
-    for target in (layout.predictions, layout.errors):
-        storage.delete_prefix(target)  # a re-run replaces, never mixes with, older parts
-    for number, part in enumerate(storage.list_files(results, (".parquet",))):
-        location = Location.parse(part)
-        table = pq.read_table(location.fs_path, filesystem=storage.filesystem(location))
-        ok = pc.equal(table["error"], "")
-        for target, rows, columns, key in ((layout.predictions, table.filter(ok),
-                                            PREDICTION_COLUMNS, "scored"),
-                                           (layout.errors, table.filter(pc.invert(ok)),
-                                            ERROR_COLUMNS, "failed")):
-            if rows.num_rows:
-                storage.write_table(f"{target}/part-{number:05d}.parquet",
-                                    rows.select(columns).to_pandas())
-            counts[key] += rows.num_rows
-        counts["labelled"] += int(pc.sum(pc.and_(ok, pc.greater_equal(table["target"], 0)))
-                                  .as_py() or 0)
-    for target, key, columns in ((layout.predictions, "scored", PREDICTION_COLUMNS),
-                                 (layout.errors, "failed", ERROR_COLUMNS)):
-        if not counts[key]:  # readers always find a table with the right columns
-            _write_empty(storage, f"{target}/part-empty.parquet", columns)
-    return counts
+    def __init__(self, storage: Storage, layout: ScoreLayout, run_id: str,
+                 already: dict | None, every: float):
+        self.storage, self.layout, self.run_id = storage, layout, run_id
+        self.every, self.flushed = every, time.monotonic()
+        self.counts = dict(already or {"scored": 0, "failed": 0, "labelled": 0})
+        self.start_total = self.counts["scored"] + self.counts["failed"]
+        self.buffers = {"scored": [], "failed": []}
+        self.parts = 0
+
+    def add(self, batch: pd.DataFrame) -> None:
+        ok = batch["error"] == ""
+        self.buffers["scored"].append(batch.loc[ok, PREDICTION_COLUMNS])
+        self.buffers["failed"].append(batch.loc[~ok, ERROR_COLUMNS])
+        self.counts["labelled"] += int((ok & (batch["target"] >= 0)).sum())
+        buffered = sum(len(f) for f in self.buffers["scored"] + self.buffers["failed"])
+        # Durable progress: a part at least every `every` seconds, so a killed run loses
+        # little, and at most RESULT_PART_ROWS rows held here.
+        if buffered >= RESULT_PART_ROWS or time.monotonic() - self.flushed >= self.every:
+            self.flush()
+
+    def flush(self) -> None:
+        for key, folder in (("scored", self.layout.predictions), ("failed", self.layout.errors)):
+            frames = [f for f in self.buffers[key] if len(f)]
+            if frames:
+                frame = pd.concat(frames, ignore_index=True)
+                self.storage.write_table(f"{folder}/{self.run_id}-{self.parts:05d}.parquet",
+                                         frame)
+                self.counts[key] += len(frame)
+            self.buffers[key] = []
+        self.parts += 1
+        self.flushed = time.monotonic()
+
+    def close(self) -> None:
+        self.flush()
+
+
+class Progress:
+    """One line at a steady cadence: scored / to score, images per second, ETA."""
+
+    def __init__(self, total: int, every: float):
+        self.total, self.every = total, every
+        self.started = self.last = time.monotonic()
+
+    def update(self, done: int) -> None:
+        now = time.monotonic()
+        if now - self.last >= self.every:
+            self.last = now
+            rate = done / max(now - self.started, 1e-9)
+            eta = (self.total - done) / rate if rate else float("inf")
+            print(f"progress: {done}/{self.total} images ({100 * done / max(self.total, 1):.1f}%)"
+                  f", {rate:.1f} images/s, ETA {eta:.0f} s", flush=True)
+
+    def done(self, done: int) -> None:
+        elapsed = time.monotonic() - self.started
+        print(f"scored {done} images in {elapsed:.1f} s ({done / max(elapsed, 1e-9):.1f} "
+              "images/s)", flush=True)
 
 
 def publish_metrics(storage: Storage, layout: ScoreLayout, threshold: float) -> dict:
@@ -248,5 +509,7 @@ def publish_metrics(storage: Storage, layout: ScoreLayout, threshold: float) -> 
 
 def _write_empty(storage: Storage, uri: str, columns: list[str]) -> None:
     floats = {"score", "threshold"}
-    storage.write_table(uri, pd.DataFrame({c: pd.Series(dtype=float if c in floats else object)
-                                           for c in columns}))
+    ints = {"size"}
+    storage.write_table(uri, pd.DataFrame({
+        c: pd.Series(dtype=float if c in floats else "int64" if c in ints else object)
+        for c in columns}))
