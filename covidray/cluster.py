@@ -19,6 +19,8 @@ class ResourcePlan:
     worker_gpus: float
     data_cpus: float  # CPUs per Ray Data map task / scoring actor
     torch_threads: int  # intra-op threads per training worker
+    decode_cpus: float  # CPUs per scoring decode task (light: many run beside inference)
+    inference_actor_cpus: float  # CPUs reserved per onnxruntime actor (not decode_cpus: no fusion)
     scoring_actors: int  # onnxruntime / backbone-feature actors
     inference_threads: int  # intra-op threads per onnxruntime / backbone-feature actor
 
@@ -47,6 +49,8 @@ def plan_resources(cluster: dict, workers: int = 1, use_gpu: bool = False) -> Re
         worker_gpus=1.0 if use_gpu else 0.0,
         data_cpus=round(max(0.25, min(1.0, left_for_data / 2)), 3),
         torch_threads=max(1, math.floor(cpus / workers)),
+        decode_cpus=0.5 if cpus >= 1 else 0.25,
+        inference_actor_cpus=1.0 if cpus >= 2 else 0.5,
         scoring_actors=actors,
         inference_threads=max(1, math.floor(cpus / actors)),
     )
@@ -72,6 +76,9 @@ def quiet_data_progress() -> None:
     """Ray Data's progress bars flood job logs; the stages print their own summaries."""
     from ray.data import DataContext
 
+    import logging
+
     context = DataContext.get_current()
     context.enable_progress_bars = False
     context.print_on_execution_start = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)  # no per-execution chatter

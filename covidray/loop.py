@@ -7,7 +7,7 @@ cluster; :mod:`covidray.stages.train` runs them inside each Ray Train worker.
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import numpy as np
 import torch
@@ -72,3 +72,27 @@ def make_checkpoint(model: nn.Module, optimizer, epoch: int, config: dict,
     return {"model": {k: v.detach().cpu() for k, v in state.items()},
             "optimizer": optimizer.state_dict(), "epoch": epoch, "config": config,
             "history": history, "weights": weights_note}
+
+
+def in_memory(batches: Iterable[dict], columns=("features", "target", "error")) -> dict:
+    """A few MB of cached features pulled into arrays once (instead of a data pass an epoch)."""
+    parts = {c: [] for c in columns}
+    for batch in batches:
+        for c in columns:
+            parts[c].append(np.asarray(batch[c]))
+    return {c: np.concatenate(v) if v else np.empty(0) for c, v in parts.items()}
+
+
+def shuffled_batches(arrays: dict, batch_size: int, seed: int) -> Iterator[dict]:
+    """One epoch over in-memory arrays in a seeded random order."""
+    n = len(next(iter(arrays.values())))
+    order = np.random.default_rng(seed).permutation(n)
+    for start in range(0, n, batch_size):
+        take = order[start:start + batch_size]
+        yield {c: v[take] for c, v in arrays.items()}
+
+
+def ordered_batches(arrays: dict, batch_size: int) -> Iterator[dict]:
+    n = len(next(iter(arrays.values())))
+    for start in range(0, n, batch_size):
+        yield {c: v[start:start + batch_size] for c, v in arrays.items()}

@@ -13,14 +13,14 @@ import json
 import warnings
 
 import numpy as np
-import torch
 
 from covidray.datasets import model_inputs
 from covidray.images import INPUT_SIZE, RECIPE
 from covidray.labels import LABELS, POSITIVE_LABEL
 from covidray.metrics import is_positive
-from covidray.model import ScoringModel
-from covidray.storage import Storage
+
+# torch is imported only by the functions that export or compare with it: a scoring actor
+# runs onnxruntime alone and starts without loading torch.
 
 PARITY_TOLERANCE = 1e-4
 META_PREFIX = "covidray."
@@ -43,8 +43,12 @@ def model_metadata(threshold: float, weights: str, train_config: dict, epochs: i
     }
 
 
-def export_onnx(model: torch.nn.Module, metadata: dict) -> bytes:
+def export_onnx(model, metadata: dict) -> bytes:
     """Serialise ``model`` (eval mode) to ONNX bytes with ``metadata`` in ``metadata_props``."""
+    import torch
+
+    from covidray.model import ScoringModel
+
     wrapper = ScoringModel(model.eval()).eval()
     example = torch.zeros(2, 3, INPUT_SIZE, INPUT_SIZE)
     with warnings.catch_warnings():
@@ -73,12 +77,18 @@ def onnx_session(model_bytes: bytes, threads: int = 0):
     if threads:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
+        # Idle threads sleep instead of spinning: they share the cores with decoding.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
 
 
-def parity_check(model: torch.nn.Module, model_bytes: bytes, inputs: np.ndarray,
+def parity_check(model, model_bytes: bytes, inputs: np.ndarray,
                  tolerance: float = PARITY_TOLERANCE) -> dict:
     """Run ``inputs`` through torch and onnxruntime; raise if they differ by more than ``tolerance``."""
+    import torch
+
+    from covidray.model import ScoringModel
+
     wrapper = ScoringModel(model.eval()).eval()
     with torch.inference_mode():
         torch_logits, torch_probs = (t.numpy() for t in wrapper(torch.from_numpy(inputs)))
@@ -106,13 +116,14 @@ def check_recipe(metadata: dict, model_uri: str) -> None:
 
 class OnnxScorer:
     """Ray Data callable: loaded batch -> the same rows with ``score``, ``prediction`` and
-    ``threshold``. The model is read from storage once per instance (actor)."""
+    ``threshold``. ``model`` is the ONNX file's bytes (the driver reads it once; Ray hands
+    them to every actor, so an actor never waits on storage) and ``name`` where it came from."""
 
-    def __init__(self, model_uri: str, storage: Storage, threshold: float | None = None,
+    def __init__(self, model: bytes, name: str, threshold: float | None = None,
                  threads: int = 0, keep: tuple[str, ...] = ()):
-        self.session = onnx_session(storage.read_bytes(model_uri), threads)
+        self.session = onnx_session(model, threads)
         self.metadata = read_metadata(self.session)
-        check_recipe(self.metadata, model_uri)
+        check_recipe(self.metadata, name)
         self.threshold = float(self.metadata["threshold"]) if threshold is None else threshold
         self.positive = json.loads(self.metadata["class_names"]).index(
             self.metadata["positive_class"])

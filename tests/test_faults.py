@@ -44,12 +44,13 @@ def outage_during(storage, s3_service, started_marker: str, after: float, down_f
     return thread
 
 
-def score_through_an_outage(storage, run, prefix, s3_service, down_for: float, bound: float):
+def score_through_an_outage(storage, run, prefix, s3_service, down_for: float, bound: float,
+                            after: float = 3.0):
     """Score 400 images while the S3 server is down for ``down_for`` seconds, riding out
     outages up to ``bound`` seconds; returns (output, the summary or the exception)."""
     manifest = small_archive(storage, f"{prefix}/archive", 400)
     output = f"{prefix}/out"
-    outage = outage_during(storage, s3_service, ScoreLayout(output).config, 3.0, down_for)
+    outage = outage_during(storage, s3_service, ScoreLayout(output).config, after, down_for)
     bounded = Storage(StorageSettings(endpoint_url=storage.settings.endpoint_url,
                                       outage_seconds=bound))
     try:
@@ -74,8 +75,43 @@ def test_an_outage_longer_than_the_bound_fails_without_publishing(
         storage, trained_run, prefix, ray_local, s3_service):
     started = time.monotonic()
     output, failure = score_through_an_outage(storage, trained_run["run"], prefix, s3_service,
-                                              down_for=15.0, bound=4)
+                                              down_for=15.0, bound=4, after=1.0)
     assert isinstance(failure, Exception), failure
     assert time.monotonic() - started < 120
     assert "kept failing for 4 s" in str(failure) or isinstance(failure, StorageOutage)
     assert not storage.exists(ScoreLayout(output).success)
+
+
+def test_an_inference_actor_killed_mid_run_is_restarted_and_the_counts_reconcile(
+        storage, trained_run, prefix, ray_local):
+    """SIGKILL the onnxruntime actor's process while it scores: Ray restarts it, its batches
+    are retried, and every image ends in predictions exactly once."""
+    import os
+    import signal
+    import subprocess
+
+    manifest = small_archive(storage, f"{prefix}/archive", 400)
+    output = f"{prefix}/out"
+    killed = []
+
+    def kill_the_actor():
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not killed:
+            found = subprocess.run(["pgrep", "-f", "OnnxScorer"], capture_output=True,
+                                   text=True).stdout.split()
+            if found and storage.exists(ScoreLayout(output).config):
+                time.sleep(2.0)  # let it score a few batches first
+                for pid in found:
+                    os.kill(int(pid), signal.SIGKILL)
+                killed.extend(found)
+            time.sleep(0.2)
+
+    killer = threading.Thread(target=kill_the_actor, daemon=True)
+    killer.start()
+    summary = score_archive(ScoreConfig(manifest, RunLayout(trained_run["run"]).onnx, output,
+                                        batch_size=16), storage)
+    killer.join(timeout=10)
+    assert killed, "no onnxruntime actor was found to kill"
+    assert (summary["listed"], summary["scored"], summary["failed"]) == (400, 400, 0)
+    predictions = storage.read_parquet_dir(ScoreLayout(output).predictions)
+    assert len(predictions) == 400 and predictions["uri"].is_unique

@@ -42,7 +42,8 @@ IDENTITY_COLUMNS = ["etag", "size"]  # with the uri: which version of an object 
 CARRIED = [*ARCHIVE_COLUMNS, *IDENTITY_COLUMNS]  # what an index row carries to the outputs
 PREDICTION_COLUMNS = [*CARRIED, "score", "prediction", "threshold"]
 ERROR_COLUMNS = [*CARRIED, "error"]
-INDEX_PART_ROWS = 50_000
+INDEX_PART_ROWS = 256  # rows per snapshot part: a part is a block, and blocks decode in parallel
+STATE_PART_ROWS = 50_000
 RESULT_PART_ROWS = 20_000  # rows per predictions/errors part the driver writes
 
 
@@ -128,12 +129,27 @@ def _manifest_chunks(storage: Storage, manifest: str):
                                    chunksize=INDEX_PART_ROWS)
 
 
-def staged_index(storage: Storage, staging: str, name: str = "index"):
-    """A staged table of this run (its index snapshot) as a Ray Dataset."""
+def parquet_parts(storage: Storage, folders: list[str], columns: list[str] | None = None):
+    """The Parquet parts under ``folders`` as a Ray Dataset, one block a part, read through
+    :class:`Storage` (so an outage is ridden out up to its bound, then fails the run)."""
     import ray.data
 
-    location = Location.parse(f"{staging}/{name}")
-    return ray.data.read_parquet(location.fs_path, filesystem=storage.filesystem(location))
+    parts = [p for folder in folders for p in storage.list_files(folder, (".parquet",))]
+    return ray.data.from_items([{"part": p} for p in parts],
+                               override_num_blocks=max(1, len(parts))).map_batches(
+        _read_parts, fn_kwargs={"storage": storage, "columns": columns}, batch_size=1,
+        batch_format="pandas", num_cpus=0.25)
+
+
+def _read_parts(batch: pd.DataFrame, storage: Storage, columns: list[str] | None) -> pd.DataFrame:
+    frames = [storage.read_table(part) for part in batch["part"]]
+    frame = pd.concat(frames, ignore_index=True)
+    return frame[columns] if columns else frame
+
+
+def staged_index(storage: Storage, staging: str, name: str = "index"):
+    """A staged table of this run (its index snapshot, or what is left to score)."""
+    return parquet_parts(storage, [f"{staging}/{name}"])
 
 
 def loaded_images(index, storage: Storage, batch_size: int, data_cpus: float):
@@ -161,7 +177,7 @@ def score_archive(config: ScoreConfig, storage: Storage, ray_address: str | None
                            "fix --model")
     model_bytes = storage.read_bytes(config.model)
     # Load once here so a bad model fails before any work is scheduled.
-    metadata = OnnxScorer(config.model, storage).metadata
+    metadata = OnnxScorer(model_bytes, config.model).metadata
     card_uri = model_card_beside(config.model)
     card = storage.read_json(card_uri) if storage.exists(card_uri) else None
     threshold, threshold_source = scoring_threshold(config.threshold, card, metadata)
@@ -169,8 +185,7 @@ def score_archive(config: ScoreConfig, storage: Storage, ray_address: str | None
     run_id = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
     base = ScoreLayout(output)
     with Lease(storage, base.lease, config.lease_seconds, f"covidray score {run_id}") as lease:
-        run = Run(config, storage, ray_address, run_id, threshold,
-                  hashlib.sha256(model_bytes).hexdigest()[:16], lease)
+        run = Run(config, storage, ray_address, run_id, threshold, model_bytes, lease)
         summary = run.incremental() if config.incremental else run.whole()
         summary.update(threshold_source=threshold_source,
                        seconds=round(time.time() - started, 1))
@@ -187,10 +202,11 @@ class Run:
     """One scoring run into ``config.output``; :meth:`whole` or :meth:`incremental`."""
 
     def __init__(self, config: ScoreConfig, storage: Storage, ray_address, run_id: str,
-                 threshold: float, model_digest: str, lease: Lease):
+                 threshold: float, model_bytes: bytes, lease: Lease):
         self.config, self.storage, self.ray_address = config, storage, ray_address
-        self.run_id, self.threshold, self.model_digest, self.lease = (run_id, threshold,
-                                                                       model_digest, lease)
+        self.run_id, self.threshold, self.lease = run_id, threshold, lease
+        self.model_bytes = model_bytes
+        self.model_digest = hashlib.sha256(model_bytes).hexdigest()[:16]
         self.base = ScoreLayout(config.output)
         self.layout = (ScoreLayout(self.base.run_part(run_id)) if config.incremental
                        else self.base)
@@ -255,15 +271,17 @@ class Run:
         import ray.data
 
         plan = self.connect()
-        results = (loaded_images(index, self.storage, self.config.batch_size, plan.data_cpus)
+        results = (loaded_images(index, self.storage, self.config.batch_size, plan.decode_cpus)
                    .map_batches(OnnxScorer,
-                                fn_constructor_kwargs={"model_uri": self.config.model,
-                                                       "storage": self.storage,
+                                fn_constructor_kwargs={"model": self.model_bytes,
+                                                       "name": self.config.model,
                                                        "threshold": self.threshold,
                                                        "threads": plan.inference_threads,
                                                        "keep": tuple(CARRIED)},
                                 batch_format="numpy", batch_size=self.config.batch_size,
-                                num_cpus=plan.data_cpus,
+                                # Not the decode tasks' reservation: Ray Data would fuse
+                                # them into the actor, and decoding would wait on inference.
+                                num_cpus=plan.inference_actor_cpus,
                                 compute=ray.data.ActorPoolStrategy(
                                     min_size=1, max_size=self.config.actors or plan.scoring_actors)))
         writer = PartWriter(self.storage, self.layout, self.run_id, already,
@@ -341,17 +359,12 @@ class Run:
 
     def sorted_keys(self, folders: list[str], columns: list[str]):
         """Rows of the Parquet parts under ``folders``, URI-sorted by one Ray sort."""
-        import ray.data
-
-        paths = [Location.parse(f) for f in folders
-                 if any(True for _ in self.storage.list_files(f, (".parquet",)))]
-        if not paths:
+        if not any(True for f in folders for _ in self.storage.list_files(f, (".parquet",))):
             return iter(())
         self.connect()
-        data = ray.data.read_parquet([p.fs_path for p in paths],
-                                     filesystem=self.storage.filesystem(paths[0]))
-        return rows(data.select_columns(columns).sort("uri").iter_batches(
-            batch_size=65_536, batch_format="pandas"), columns)
+        data = parquet_parts(self.storage, folders, columns)
+        return rows(data.sort("uri").iter_batches(batch_size=65_536, batch_format="pandas"),
+                    columns)
 
     def state_rows(self, current: dict):
         """The committed state table's rows, in URI order (its parts are written sorted)."""
@@ -392,7 +405,7 @@ class Run:
             [self.layout.predictions, self.layout.errors], ["uri", "etag", "size"]))
         target = self.base.state(self.run_id)
         merged = merged_state(self.state_rows(current), new)
-        for number, frame in enumerate(frames_of(merged, STATE_COLUMNS, INDEX_PART_ROWS)):
+        for number, frame in enumerate(frames_of(merged, STATE_COLUMNS, STATE_PART_ROWS)):
             self.storage.write_table(f"{target}/part-{number:05d}.parquet", frame)
         self.state = target
 
@@ -473,15 +486,11 @@ class Progress:
 def publish_metrics(storage: Storage, layout: ScoreLayout, threshold: float) -> dict:
     """Fold the labelled predictions, sorted by score (a Ray sort), into the metrics files;
     returns headline figures."""
-    import ray.data
     from ray.data.expressions import col
 
     from covidray.figures import confusion_matrix_png, score_histogram_png
 
-    location = Location.parse(layout.predictions)
-    sorted_scores = (ray.data.read_parquet(location.fs_path,
-                                           filesystem=storage.filesystem(location))
-                     .select_columns(["score", "label"])
+    sorted_scores = (parquet_parts(storage, [layout.predictions], ["score", "label"])
                      .filter(expr=col("label").is_in(list(LABELS)))
                      .sort("score"))
     summary = ScoreSummary(np.asarray(sorted({*sweep_thresholds().tolist(), threshold})))

@@ -25,7 +25,8 @@ from covidray.config import DEFAULT_SEED, from_dict, option, to_dict
 from covidray.datasets import INDEX_COLUMNS, assign_splits, grow_class, load_index, load_pixels
 from covidray.labels import POSITIVE_LABEL
 from covidray.layout import CHECKPOINT_FILE, RunLayout
-from covidray.loop import evaluate, make_checkpoint, train_one_epoch
+from covidray.loop import (evaluate, in_memory, make_checkpoint, ordered_batches,
+                           shuffled_batches, train_one_epoch)
 from covidray.model import (TRAIN_LAYERS, WeightsUnavailable, build_model, checkpoint_bytes,
                             describe_weights, freeze_for, head, initial_model, load_checkpoint,
                             load_weights)
@@ -129,18 +130,27 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
+    if cached:  # features are a few MB: held here, so an epoch is no Ray Data execution
+        train_arrays = in_memory(train_shard.iter_batches(batch_format="numpy"))
+        val_arrays = (in_memory(val_shard.iter_batches(batch_format="numpy"))
+                      if val_shard is not None else None)
     for epoch in range(start_epoch, config.epochs):
         started = time.time()
-        batches = train_shard.iter_batches(batch_size=config.batch_size, batch_format="numpy",
-                                           local_shuffle_buffer_size=max(4 * config.batch_size, 64),
-                                           local_shuffle_seed=config.seed + epoch)
+        if cached:
+            batches = shuffled_batches(train_arrays, config.batch_size, config.seed + epoch)
+            val_batches = (ordered_batches(val_arrays, EVAL_BATCH)
+                           if val_arrays is not None else None)
+        else:
+            batches = train_shard.iter_batches(
+                batch_size=config.batch_size, batch_format="numpy",
+                local_shuffle_buffer_size=max(4 * config.batch_size, 64),
+                local_shuffle_seed=config.seed + epoch)
+            val_batches = (val_shard.iter_batches(batch_size=EVAL_BATCH, batch_format="numpy")
+                           if val_shard is not None else None)
         metrics = {"epoch": epoch,
                    **train_one_epoch(trainable, criterion, optimizer, batches, device, mode)}
-        if val_shard is not None:
-            metrics.update(evaluate(trainable, criterion,
-                                    val_shard.iter_batches(batch_size=EVAL_BATCH,
-                                                           batch_format="numpy"),
-                                    device, config.threshold))
+        if val_batches is not None:
+            metrics.update(evaluate(trainable, criterion, val_batches, device, config.threshold))
         metrics["epoch_seconds"] = round(time.time() - started, 2)
         history.append(metrics)
         checkpoint = None
