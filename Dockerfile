@@ -1,19 +1,41 @@
-# CPU image that runs covidray's jobs on a Ray cluster (KubeRay head and workers, or `ray start`).
-#   docker build -t covidray:0.1.0 .
-# For GPU workers, build FROM rayproject/ray:2.60.0-py311-gpu and drop the CPU index below.
-FROM rayproject/ray:2.60.0-py311-cpu
+# syntax=docker/dockerfile:1.7
+# The image the jobs run in on a Ray cluster (KubeRay head and workers, or `ray start`).
+# One file, two variants, the Ray and Python versions the manifests name (Ray 2.60, Py 3.11):
+#   docker build --build-arg VARIANT=cpu -t REGISTRY/covidray:0.1.0-cpu .
+#   docker build --build-arg VARIANT=gpu -t REGISTRY/covidray:0.1.0-gpu .
+# gpu: CUDA base image, torch with CUDA (training on GPU workers) and onnxruntime-gpu
+# (scoring on the CUDA execution provider where a GPU is present).
+ARG VARIANT=cpu
+ARG RAY_VERSION=2.60.0
+FROM rayproject/ray:${RAY_VERSION}-py311-${VARIANT}
 
+ARG VARIANT
 WORKDIR /home/ray/covidray
-# torch/torchvision first, from PyTorch's CPU index (the PyPI default is a multi-GB CUDA build).
-RUN pip install --no-cache-dir --index-url https://download.pytorch.org/whl/cpu \
-        "torch==2.14.1" "torchvision==0.29.1"
+
+# Dependencies first, in their own layers: editing covidray's code rebuilds only the last
+# layers. torch from PyTorch's index: CPU wheels for cpu, CUDA 12 wheels for gpu.
+RUN if [ "$VARIANT" = "gpu" ]; then index=https://download.pytorch.org/whl/cu126; \
+    else index=https://download.pytorch.org/whl/cpu; fi \
+ && pip install --no-cache-dir --index-url "$index" "torch==2.14.1" "torchvision==0.29.1"
 COPY pyproject.toml README.md ./
+RUN python - <<'PY' > /tmp/requirements.txt \
+ && pip install --no-cache-dir -r /tmp/requirements.txt \
+ && if [ "$VARIANT" = "gpu" ]; then pip uninstall -y onnxruntime \
+      && pip install --no-cache-dir "onnxruntime-gpu>=1.19"; fi
+import tomllib
+print("\n".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]))
+PY
+
+# The code last.
 COPY covidray ./covidray
 COPY jobs ./jobs
-RUN pip install --no-cache-dir . \
+RUN pip install --no-cache-dir --no-deps . \
  && python -c "import covidray.cli, onnxruntime, Augmentor, boto3"
 
 # Jobs submitted with --working-dir ship their own code; this copy serves clusters that run
 # the image's jobs directly (entrypoint: python /home/ray/covidray/jobs/score.py ...).
+# Credentials come from the pod (a Kubernetes Secret as environment, or workload identity
+# through the AWS chain: keep the instance metadata service reachable), never the image.
 ENV AWS_EC2_METADATA_DISABLED=false \
     PYTHONUNBUFFERED=1
+USER ray

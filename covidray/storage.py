@@ -2,10 +2,10 @@
 
 One :class:`Storage` turns a location plus :class:`StorageSettings` into what each
 consumer needs: a boto3 client for object I/O (:meth:`Storage.client`) and a pyarrow
-filesystem for Ray Data and Ray Train (:meth:`Storage.filesystem`). Credentials are
-resolved once, in the process that builds the ``Storage`` (standard AWS variables, a
-named profile, or the instance's role), and travel with it when Ray pickles it to
-workers, so a worker never needs its own AWS configuration.
+filesystem for Ray Data and Ray Train (:meth:`Storage.filesystem`). Only the settings
+travel when Ray pickles a ``Storage`` to workers; credentials never do. Every process
+resolves its own through the standard AWS chain (variables on the node or pod, a named
+profile, an instance or workload role): nodes carry credentials, jobs carry locations.
 
 Every write of a single object is atomic to readers: S3 publishes an object only
 when its PUT completes, and local files are written beside their target and then
@@ -147,53 +147,45 @@ def join_uri(uri: str, *parts: str) -> str:
     return Location.parse(uri).join(*parts).uri
 
 
-@dataclass(frozen=True)
-class _Credentials:
-    access_key: str
-    secret_key: str = field(repr=False)
-    session_token: str | None = field(repr=False)
-
-
 @dataclass
 class Storage:
     """Object I/O for local paths and S3-compatible storage. Safe to pickle to Ray workers."""
 
     settings: StorageSettings = field(default_factory=StorageSettings.from_env)
-    _credentials: _Credentials | None = field(default=None, repr=False)  # never printed
     _client: object = field(default=None, repr=False)
     _probe: object = field(default=None, repr=False)
 
     # --- construction -------------------------------------------------------------------
     def __getstate__(self):
-        state = dict(self.__dict__)
-        state["_client"] = state["_probe"] = None  # boto3 clients do not pickle
-        state["_credentials"] = self._credentials or self._resolve_credentials(required=False)
-        return state
+        # Only settings travel to Ray workers: never a credential (no secret in a task, an
+        # object or a log), and never a client. Each process resolves its own credentials
+        # through the standard AWS chain (the node's environment, a profile, an instance or
+        # workload role), which also refreshes temporary ones as they expire.
+        return {"settings": self.settings}
+
+    def __setstate__(self, state):
+        self.__init__(state["settings"])
 
     @property
     def region(self) -> str:
         return self.settings.region or DEFAULT_REGION
 
-    def _resolve_credentials(self, required: bool = True) -> _Credentials | None:
-        if self._credentials is not None:
-            return self._credentials
+    def _session(self):
         import boto3
         import botocore.exceptions
 
         try:
-            session = boto3.Session(profile_name=self.settings.profile)
+            return boto3.Session(profile_name=self.settings.profile)
         except botocore.exceptions.ProfileNotFound as exc:
             raise StorageError(f"AWS profile '{self.settings.profile}' not found: fix "
                                "--aws-profile / AWS_PROFILE or add it to ~/.aws/config") from exc
-        creds = session.get_credentials()
-        if creds is None:
-            if not required:
-                return None
+
+    def _require_credentials(self) -> None:
+        """Fail with the setting to fix when this process finds no credentials at all."""
+        if self._session().get_credentials() is None:
             raise StorageError("no S3 credentials found: set AWS_ACCESS_KEY_ID and "
-                               "AWS_SECRET_ACCESS_KEY, or AWS_PROFILE (--aws-profile)")
-        frozen = creds.get_frozen_credentials()
-        self._credentials = _Credentials(frozen.access_key, frozen.secret_key, frozen.token)
-        return self._credentials
+                               "AWS_SECRET_ACCESS_KEY on the node/pod, or AWS_PROFILE "
+                               "(--aws-profile), or give it an instance/workload role")
 
     def client(self):
         """A boto3 S3 client for object I/O (bounded timeouts and retries)."""
@@ -209,17 +201,14 @@ class Storage:
         return self._probe
 
     def _make_client(self, connect_timeout: float, read_timeout: float, attempts: int):
-        import boto3
         from botocore.config import Config
 
-        creds = self._resolve_credentials()
-        return boto3.client(
+        self._require_credentials()
+        # The session's credential provider refreshes temporary credentials itself.
+        return self._session().client(
             "s3",
             endpoint_url=self.settings.endpoint_url,
             region_name=self.region,
-            aws_access_key_id=creds.access_key,
-            aws_secret_access_key=creds.secret_key,
-            aws_session_token=creds.session_token,
             config=Config(connect_timeout=connect_timeout, read_timeout=read_timeout,
                           retries={"total_max_attempts": attempts, "mode": "standard"},
                           s3={"addressing_style": "path"}),
@@ -232,10 +221,11 @@ class Storage:
         location = _as_location(location)
         if not location.is_s3:
             return pafs.LocalFileSystem()
-        creds = self._resolve_credentials()
-        kwargs = dict(access_key=creds.access_key, secret_key=creds.secret_key,
-                      session_token=creds.session_token, region=self.region,
-                      connect_timeout=CONNECT_TIMEOUT_S, request_timeout=READ_TIMEOUT_S)
+        self._require_credentials()
+        # No keys given: pyarrow's AWS SDK resolves (and refreshes) them in each process
+        # from the same chain; a pickled filesystem carries no secret either.
+        kwargs = dict(region=self.region, connect_timeout=CONNECT_TIMEOUT_S,
+                      request_timeout=READ_TIMEOUT_S)
         if self.settings.endpoint_url:
             endpoint = urlparse(self.settings.endpoint_url)
             kwargs.update(endpoint_override=endpoint.netloc or endpoint.path,

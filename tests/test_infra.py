@@ -1,38 +1,178 @@
-"""The KubeRay manifests only name jobs that exist, with options covidray accepts."""
+"""The deployment files do what they say: KubeRay manifests valid against the real v1.7.0 CRDs
+(closed objects, so a misspelled field fails), one-command entrypoints the CLI parses, GPU in
+limits, limits = requests; the Dockerfile's sources exist and .dockerignore keeps secrets out."""
 
+import copy
 import glob
 import os
+import re
 import shlex
 
 import pytest
 import yaml
+from jsonschema import Draft7Validator
 
 from covidray.cli import build_parser
 
 from conftest import REPO
 
-
-def entrypoints():
-    for path in sorted(glob.glob(os.path.join(REPO, "infra", "k8s", "*.yaml"))):
-        with open(path) as fh:
-            spec = yaml.safe_load(fh)["spec"]
-        spec = spec.get("jobTemplate", spec)
-        if "entrypoint" in spec:
-            for command in spec["entrypoint"].split("&&"):
-                yield os.path.basename(path), shlex.split(command)
+CRDS = os.path.join(REPO, "..", "shared", "kuberay-crds", "v1.7.0")
+K8S = os.path.join(REPO, "infra", "k8s")
 
 
-@pytest.mark.parametrize("manifest,command", list(entrypoints()))
-def test_manifest_entrypoint_parses(manifest, command):
+def closed(schema):
+    """The schema with every object that lists ``properties`` closed to other fields (unless
+    it preserves unknown fields), as the README of the CRDs suggests."""
+    schema = copy.deepcopy(schema)
+
+    def close(node):
+        if isinstance(node, dict):
+            if ("properties" in node and "additionalProperties" not in node
+                    and not node.get("x-kubernetes-preserve-unknown-fields")):
+                node["additionalProperties"] = False
+            for value in node.values():
+                close(value)
+        elif isinstance(node, list):
+            for value in node:
+                close(value)
+
+    close(schema)
+    return schema
+
+
+def crd_validators() -> dict:
+    if not os.path.isdir(CRDS):
+        pytest.skip("../shared/kuberay-crds is absent")
+    validators = {}
+    for path in glob.glob(os.path.join(CRDS, "*.yaml")):
+        crd = yaml.safe_load(open(path))
+        version = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")
+        validators[crd["spec"]["names"]["kind"]] = Draft7Validator(
+            closed(version["schema"]["openAPIV3Schema"]))
+    return validators
+
+
+def documents():
+    """(file, document) for every object in infra/k8s, and the RayJob a CronJob creates."""
+    for path in sorted(glob.glob(os.path.join(K8S, "*.yaml"))):
+        for doc in yaml.safe_load_all(open(path)):
+            yield os.path.basename(path), doc
+            if doc["kind"] == "ConfigMap":
+                for text in doc["data"].values():
+                    yield os.path.basename(path), yaml.safe_load(text)
+
+
+def ray_documents():
+    return [(name, doc) for name, doc in documents() if doc["apiVersion"] == "ray.io/v1"]
+
+
+def job_specs():
+    for name, doc in ray_documents():
+        if doc["kind"] == "RayJob":
+            yield name, doc["spec"]
+        elif doc["kind"] == "RayCronJob":
+            yield name, doc["spec"]["jobTemplate"]
+
+
+@pytest.mark.parametrize("name,doc", ray_documents(), ids=lambda v: v if isinstance(v, str) else "")
+def test_manifest_is_valid_against_the_kuberay_crd(name, doc):
+    errors = sorted(crd_validators()[doc["kind"]].iter_errors(doc), key=str)
+    assert not errors, f"{name}: " + "; ".join(
+        f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in errors[:5])
+
+
+def test_the_closed_schema_catches_a_misspelled_field():
+    validators = crd_validators()
+    _, doc = next((n, d) for n, d in ray_documents() if d["kind"] == "RayJob")
+    wrong = copy.deepcopy(doc)
+    wrong["spec"]["shutdownAfterJobFinish"] = wrong["spec"].pop("shutdownAfterJobFinishes")
+    assert list(validators["RayJob"].iter_errors(wrong))
+    wrong = copy.deepcopy(doc)
+    container = wrong["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    container["resource"] = container.pop("resources")
+    assert list(validators["RayJob"].iter_errors(wrong))
+
+
+@pytest.mark.parametrize("name,spec", list(job_specs()), ids=lambda v: v if isinstance(v, str) else "")
+def test_each_entrypoint_is_one_command_that_the_cli_parses(name, spec):
+    command = shlex.split(spec["entrypoint"])
+    assert not {"&&", "||", ";", "|"} & set(command), f"{name}: more than one command"
+    assert not any(re.search(r"[;&|`$]", word) for word in command), command
     assert command[0] == "python" and command[1].startswith("/home/ray/covidray/jobs/")
     job = os.path.basename(command[1])
     assert os.path.exists(os.path.join(REPO, "jobs", job)), job
     build_parser().parse_args([job.removesuffix(".py"), *command[2:]])  # exits on a bad option
 
 
-def test_every_job_has_a_manifest_or_is_local_only():
-    named = {os.path.basename(c[1]) for _, c in entrypoints()}
-    assert {"train.py", "export.py", "score.py"} <= named
+@pytest.mark.parametrize("name,spec", list(job_specs()), ids=lambda v: v if isinstance(v, str) else "")
+def test_jobs_set_deadlines_retries_and_cleanup_and_size_gpus_in_limits(name, spec):
+    for field in ("activeDeadlineSeconds", "backoffLimit", "shutdownAfterJobFinishes",
+                  "ttlSecondsAfterFinished"):
+        assert field in spec, f"{name}: {field} not set"
+    groups = [spec["rayClusterSpec"]["headGroupSpec"], *spec["rayClusterSpec"]["workerGroupSpecs"]]
+    gpus = 0
+    for group in groups:
+        for container in group["template"]["spec"]["containers"]:
+            resources = container["resources"]
+            assert resources["limits"] == resources["requests"], (name, container["name"])
+            gpus += int(resources["limits"].get("nvidia.com/gpu", 0))
+            assert "env" not in container or not any("SECRET" in e["name"]
+                                                     for e in container["env"])
+    if gpus:
+        assert "--use-gpu" in spec["entrypoint"], f"{name}: GPU workers but no --use-gpu"
+
+
+def test_training_comes_in_cpu_and_gpu_variants_and_nightly_scoring_in_two_forms():
+    kinds = {(name, doc["kind"]) for name, doc in documents()}
+    assert {("rayjob-train-cpu.yaml", "RayJob"), ("rayjob-train-gpu.yaml", "RayJob"),
+            ("raycronjob-score.yaml", "RayCronJob"), ("cronjob-score.yaml", "CronJob"),
+            ("cronjob-score.yaml", "RayJob")} <= kinds
+    cronjob = next(doc for name, doc in documents() if doc["kind"] == "CronJob")
+    assert cronjob["spec"]["concurrencyPolicy"] == "Forbid" and cronjob["spec"]["timeZone"]
+    raycron = next(doc for name, doc in documents() if doc["kind"] == "RayCronJob")
+    assert raycron["spec"]["timeZone"]
+    assert "feature gate RayCronJob" in open(os.path.join(K8S, "raycronjob-score.yaml")).read()
+    cluster = next(doc for name, doc in documents() if doc["kind"] == "RayCluster")
+    assert cluster["spec"]["enableInTreeAutoscaling"] is True
+
+
+def dockerfile_instructions() -> list[tuple[str, str]]:
+    """(instruction, arguments) of the Dockerfile: continuations joined, heredoc bodies
+    (``RUN python - <<'PY' ... PY``) and comments skipped."""
+    text = open(os.path.join(REPO, "Dockerfile")).read().replace("\\\n", " ")
+    instructions, heredoc = [], None
+    for line in text.splitlines():
+        if heredoc is not None:
+            heredoc = None if line.strip() == heredoc else heredoc
+            continue
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        op, _, rest = line.strip().partition(" ")
+        instructions.append((op, rest))
+        marker = re.search(r"<<-?'?\"?(\w+)", rest)
+        heredoc = marker.group(1) if marker else None
+    return instructions
+
+
+def test_every_dockerfile_copy_source_exists_and_the_image_runs_as_a_user():
+    instructions = dockerfile_instructions()
+    copies = [shlex.split(rest) for op, rest in instructions if op.upper() == "COPY"]
+    assert copies
+    for words in copies:
+        sources = [w for w in words[:-1] if not w.startswith("--")]
+        for source in sources:
+            assert glob.glob(os.path.join(REPO, source)), f"COPY source {source} is missing"
+    users = [rest.strip() for op, rest in instructions if op.upper() == "USER"]
+    assert users and users[-1] not in ("root", "0")
+    args = {rest.split("=")[0].strip() for op, rest in instructions if op.upper() == "ARG"}
+    assert "VARIANT" in args  # cpu or gpu from one file
+
+
+def test_dockerignore_keeps_the_venv_local_secrets_and_git_out():
+    with open(os.path.join(REPO, ".dockerignore")) as fh:
+        patterns = {line.strip().rstrip("/") for line in fh if line.strip()
+                    and not line.startswith("#")}
+    assert {".venv", ".local", ".git"} <= patterns
 
 
 def test_local_s3_server_restarts_on_its_data_and_keeps_secrets_private(tmp_path, monkeypatch):

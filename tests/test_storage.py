@@ -55,13 +55,20 @@ def test_pyarrow_filesystem_sees_what_boto3_wrote(storage, prefix):
         assert fh.read() == b"12345"
 
 
-def test_pickled_storage_carries_resolved_credentials(storage, prefix, s3_env, monkeypatch):
+def test_a_pickled_storage_carries_no_secret_and_each_process_resolves_its_own(
+        storage, prefix, s3_env, monkeypatch):
     storage.write_bytes(f"{prefix}/p.txt", b"hello")
-    clone = pickle.loads(pickle.dumps(storage))
-    # A worker without any AWS configuration can still read.
+    data = pickle.dumps(storage)
+    assert s3_env["AWS_SECRET_ACCESS_KEY"].encode() not in data
+    assert s3_env["AWS_ACCESS_KEY_ID"].encode() not in data
+    assert pickle.loads(data).read_bytes(f"{prefix}/p.txt") == b"hello"  # from this env
+    # A process whose environment carries no credentials cannot read: they never travel.
     monkeypatch.delenv("AWS_ACCESS_KEY_ID")
     monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
-    assert clone.read_bytes(f"{prefix}/p.txt") == b"hello"
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")
+    with pytest.raises(StorageError, match="no S3 credentials found"):
+        pickle.loads(data).read_bytes(f"{prefix}/p.txt")
 
 
 def test_write_check_leaves_no_probe_behind(storage, prefix):
@@ -120,7 +127,7 @@ def test_a_silent_endpoint_fails_within_seconds(s3_env):
 def test_no_repr_shows_the_secret(storage, s3_env):
     storage.client()  # credentials resolved
     assert s3_env["AWS_SECRET_ACCESS_KEY"] not in repr(storage)
-    assert s3_env["AWS_SECRET_ACCESS_KEY"] not in repr(storage._resolve_credentials())
+    assert s3_env["AWS_SECRET_ACCESS_KEY"] not in repr(storage.settings)
 
 
 def test_wrong_secret_names_the_credentials(s3_env, monkeypatch):

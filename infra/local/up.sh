@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Start the local S3 server (SeaweedFS) and a local Ray head, both on 127.0.0.1, and write
-# .local/env.sh with the variables a shell needs:  source .local/env.sh
+# .local/env.sh (readable by you only: it holds the local S3 secret):  source .local/env.sh
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=.venv/bin/python
 export RAY_AUTH_MODE=disabled
+umask 077
+mkdir -p .local
 $PY infra/local/s3_server.py start
-$PY infra/local/ray_head.py start
 { $PY infra/local/s3_server.py env
   echo "export RAY_AUTH_MODE=disabled"
   # Drivers (covidray train/score run here) join through the GCS address; `ray job submit`
@@ -14,4 +15,9 @@ $PY infra/local/ray_head.py start
   echo "export RAY_ADDRESS=127.0.0.1:${COVIDRAY_RAY_PORT:-6380}"
   echo "export COVIDRAY_RAY_DASHBOARD=http://127.0.0.1:${COVIDRAY_RAY_DASHBOARD_PORT:-8265}"
 } > .local/env.sh
+chmod 600 .local/env.sh
+# The node carries the credentials, as a pod does on Kubernetes: the Ray head starts with the
+# S3 settings in its environment and every job and worker on it inherits them, so jobs are
+# submitted with no secret in their runtime env (infra/local/submit.sh).
+( source .local/env.sh; unset RAY_ADDRESS; $PY infra/local/ray_head.py start )
 echo "services up; now: source .local/env.sh" >&2
