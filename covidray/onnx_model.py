@@ -79,7 +79,10 @@ def onnx_session(model_bytes: bytes, threads: int = 0):
         options.inter_op_num_threads = 1
         # Idle threads sleep instead of spinning: they share the cores with decoding.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
+    # onnxruntime-gpu (the GPU image) offers CUDA: use it where this node has a GPU.
+    providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider")
+                 if p in ort.get_available_providers()]
+    return ort.InferenceSession(model_bytes, options, providers=providers)
 
 
 def parity_check(model, model_bytes: bytes, inputs: np.ndarray,

@@ -115,3 +115,45 @@ def test_an_inference_actor_killed_mid_run_is_restarted_and_the_counts_reconcile
     assert (summary["listed"], summary["scored"], summary["failed"]) == (400, 400, 0)
     predictions = storage.read_parquet_dir(ScoreLayout(output).predictions)
     assert len(predictions) == 400 and predictions["uri"].is_unique
+
+
+def test_training_survives_a_killed_worker_and_resumes_from_its_checkpoint(
+        storage, prefix, ray_local):
+    """SIGKILL the Ray Train worker after its first checkpoint: Ray Train restarts it from
+    that checkpoint (FailureConfig), and the run completes every epoch exactly once."""
+    import dataclasses
+    import os
+    import signal
+    import subprocess
+
+    from covidray.model import load_checkpoint
+    from covidray.stages.train import TrainConfig, fit
+
+    from conftest import upload_synthetic
+
+    manifest = upload_synthetic(storage, f"{prefix}/data", 8, 8)
+    config = TrainConfig(data=manifest, run=f"{prefix}/run", epochs=5, batch_size=4, lr=1e-3,
+                         weights="none", train_layers="all", covid_target=0,
+                         val_fraction=0.25, test_fraction=0.0, max_failures=2)
+    killed = []
+
+    def kill_after_first_checkpoint():
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and not killed:
+            checkpoints = [u for u in storage.list_files(RunLayout(config.run).checkpoints)
+                           if u.endswith("checkpoint.pt")]
+            workers = subprocess.run(["pgrep", "-f", "RayTrainWorker"], capture_output=True,
+                                     text=True).stdout.split()
+            if checkpoints and workers:
+                for pid in workers:
+                    os.kill(int(pid), signal.SIGKILL)
+                killed.extend(workers)
+            time.sleep(0.3)
+
+    killer = threading.Thread(target=kill_after_first_checkpoint, daemon=True)
+    killer.start()
+    summary = fit(dataclasses.replace(config), storage)
+    killer.join(timeout=10)
+    assert killed, "the training worker was never killed"
+    history = load_checkpoint(storage, RunLayout(config.run).model_checkpoint)["history"]
+    assert summary["epochs"] == 5 and [h["epoch"] for h in history] == [0, 1, 2, 3, 4]

@@ -81,6 +81,9 @@ class TrainConfig:
     augment: AugmentConfig = option(factory=AugmentConfig)
     resume: bool = option(False, "continue from the newest checkpoint under "
                                  "<run>/train/checkpoints")
+    max_failures: int = option(3, "lost workers (a killed process, a lost node or spot "
+                                  "instance) Ray Train recovers from, restarting from the last "
+                                  "checkpoint, before the run fails")
 
     @classmethod
     def preset(cls, name: str, **values) -> "TrainConfig":
@@ -307,7 +310,8 @@ def fit(config: TrainConfig, storage: Storage, ray_address: str | None = None) -
             name=f"train-{time.strftime('%Y%m%d-%H%M%S')}",
             storage_path=checkpoints.fs_path,
             storage_filesystem=storage.filesystem(checkpoints),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            failure_config=ray.train.FailureConfig(max_failures=config.max_failures)),
     )
     result = trainer.fit()
     if result.checkpoint is None:
