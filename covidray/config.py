@@ -8,8 +8,9 @@ stored ``config.json``.
 
 A config may nest another (``ProtocolConfig.train: TrainConfig``); its fields become
 options of the outer stage. A nested field named like an outer field is not exposed (the
-outer stage sets it), nor is one the outer config lists in its ``DERIVED``; nested fields of the same name in two siblings (``run`` in train and
-evaluate) share one option that sets both.
+outer stage sets it), nor is one the outer config lists in its ``DERIVED``; nested fields
+of the same name in two siblings (``run`` in train and evaluate) share one option that
+sets both.
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 
 Training, export (parity inputs and the recipe stored in the ONNX metadata) and
 scoring all call these functions and nothing else, so an image is preprocessed
-identically everywhere (``tests/test_pipeline.py::test_training_export_and_scoring_preprocess_identically`` proves it).
+identically everywhere (``test_training_export_and_scoring_preprocess_identically`` in
+``tests/test_pipeline.py`` proves it).
 
 The recipe has two halves so that the expensive part can stream as compact uint8:
   1. :func:`to_input_pixels`: decode to 8-bit grayscale, resize the shorter side to

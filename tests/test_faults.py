@@ -63,6 +63,33 @@ def score_through_an_outage(storage, run, prefix, s3_service, down_for: float, b
     return output, result
 
 
+def kill_processes_when(pattern: str, ready, settle: float = 0.0, timeout: float = 300):
+    """A thread that SIGKILLs every process whose command line matches ``pattern`` once
+    ``ready()`` holds (and ``settle`` seconds more); ``thread.killed`` lists the PIDs."""
+    import os
+    import signal
+    import subprocess
+
+    killed: list[str] = []
+
+    def run():
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and not killed:
+            found = subprocess.run(["pgrep", "-f", pattern], capture_output=True,
+                                   text=True).stdout.split()
+            if found and ready():
+                time.sleep(settle)
+                for pid in found:
+                    os.kill(int(pid), signal.SIGKILL)
+                killed.extend(found)
+            time.sleep(0.2)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.killed = killed
+    thread.start()
+    return thread
+
+
 def test_an_s3_restart_mid_run_is_ridden_out_and_every_image_is_scored(
         storage, trained_run, prefix, ray_local, s3_service):
     output, summary = score_through_an_outage(storage, trained_run["run"], prefix, s3_service,
@@ -86,31 +113,15 @@ def test_an_inference_actor_killed_mid_run_is_restarted_and_the_counts_reconcile
         storage, trained_run, prefix, ray_local):
     """SIGKILL the onnxruntime actor's process while it scores: Ray restarts it, its batches
     are retried, and every image ends in predictions exactly once."""
-    import os
-    import signal
-    import subprocess
-
     manifest = small_archive(storage, f"{prefix}/archive", 400)
     output = f"{prefix}/out"
-    killed = []
-
-    def kill_the_actor():
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and not killed:
-            found = subprocess.run(["pgrep", "-f", "OnnxScorer"], capture_output=True,
-                                   text=True).stdout.split()
-            if found and storage.exists(ScoreLayout(output).config):
-                time.sleep(2.0)  # let it score a few batches first
-                for pid in found:
-                    os.kill(int(pid), signal.SIGKILL)
-                killed.extend(found)
-            time.sleep(0.2)
-
-    killer = threading.Thread(target=kill_the_actor, daemon=True)
-    killer.start()
+    # once the run has started, let the actor score a few batches, then kill it
+    killer = kill_processes_when("OnnxScorer", lambda: storage.exists(ScoreLayout(output).config),
+                                 settle=2.0, timeout=120)
     summary = score_archive(ScoreConfig(manifest, RunLayout(trained_run["run"]).onnx, output,
                                         batch_size=16), storage)
     killer.join(timeout=10)
+    killed = killer.killed
     assert killed, "no onnxruntime actor was found to kill"
     assert (summary["listed"], summary["scored"], summary["failed"]) == (400, 400, 0)
     predictions = storage.read_parquet_dir(ScoreLayout(output).predictions)
@@ -122,9 +133,6 @@ def test_training_survives_a_killed_worker_and_resumes_from_its_checkpoint(
     """SIGKILL the Ray Train worker after its first checkpoint: Ray Train restarts it from
     that checkpoint (FailureConfig), and the run completes every epoch exactly once."""
     import dataclasses
-    import os
-    import signal
-    import subprocess
 
     from covidray.model import load_checkpoint
     from covidray.stages.train import TrainConfig, fit
@@ -135,25 +143,11 @@ def test_training_survives_a_killed_worker_and_resumes_from_its_checkpoint(
     config = TrainConfig(data=manifest, run=f"{prefix}/run", epochs=5, batch_size=4, lr=1e-3,
                          weights="none", train_layers="all", covid_target=0,
                          val_fraction=0.25, test_fraction=0.0, max_failures=2)
-    killed = []
-
-    def kill_after_first_checkpoint():
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline and not killed:
-            checkpoints = [u for u in storage.list_files(RunLayout(config.run).checkpoints)
-                           if u.endswith("checkpoint.pt")]
-            workers = subprocess.run(["pgrep", "-f", "RayTrainWorker"], capture_output=True,
-                                     text=True).stdout.split()
-            if checkpoints and workers:
-                for pid in workers:
-                    os.kill(int(pid), signal.SIGKILL)
-                killed.extend(workers)
-            time.sleep(0.3)
-
-    killer = threading.Thread(target=kill_after_first_checkpoint, daemon=True)
-    killer.start()
+    killer = kill_processes_when("RayTrainWorker", lambda: any(
+        u.endswith("checkpoint.pt") for u in storage.list_files(RunLayout(config.run).checkpoints)))
     summary = fit(dataclasses.replace(config), storage)
     killer.join(timeout=10)
+    killed = killer.killed
     assert killed, "the training worker was never killed"
     history = load_checkpoint(storage, RunLayout(config.run).model_checkpoint)["history"]
     assert summary["epochs"] == 5 and [h["epoch"] for h in history] == [0, 1, 2, 3, 4]
