@@ -300,3 +300,29 @@ def test_an_unreconciled_result_is_never_published(storage, trained_run, prefix,
         score_archive(ScoreConfig(archive, RunLayout(trained_run["run"]).onnx, f"{prefix}/out"),
                       storage)
     assert not storage.exists(ScoreLayout(f"{prefix}/out").success)
+
+
+def test_an_archive_changed_while_the_run_is_under_way_is_scored_as_listed(
+        storage, trained_run, prefix, ray_local, monkeypatch):
+    """The manifest is rewritten and objects added right after the run read its index: the
+    run scores exactly the snapshot it took and reconciles against it."""
+    import covidray.stages.score as score
+
+    rng = np.random.default_rng(4)
+    uris = [storage.write_bytes(f"{prefix}/img-{i}.png", encode(synthetic_xray(i % 2 == 1, rng),
+                                                                  "png")) for i in range(6)]
+    manifest = storage.write_table(f"{prefix}/manifest.csv", pd.DataFrame({"uri": uris}))
+    real = score.snapshot_index
+
+    def then_the_archive_changes(*args, **kwargs):
+        listed = real(*args, **kwargs)
+        more = [storage.write_bytes(f"{prefix}/late-{i}.png", b"late") for i in range(4)]
+        storage.write_table(manifest, pd.DataFrame({"uri": uris[:3] + more}))
+        return listed
+
+    monkeypatch.setattr(score, "snapshot_index", then_the_archive_changes)
+    summary = score_archive(ScoreConfig(manifest, RunLayout(trained_run["run"]).onnx,
+                                        f"{prefix}/out"), storage)
+    assert (summary["listed"], summary["scored"], summary["failed"]) == (6, 6, 0)
+    predictions = storage.read_parquet_dir(ScoreLayout(f"{prefix}/out").predictions)
+    assert sorted(predictions["uri"]) == sorted(uris)
