@@ -43,7 +43,6 @@ PRESETS = {
 }
 IMAGE_BATCH = 32  # images per Ray Data decode / feature batch (not the training batch)
 EVAL_BATCH = 64  # images (or feature rows) per validation batch
-STREAM_BLOCK_ROWS = 128  # index rows per Ray Data block of an image stream
 
 
 @dataclass(frozen=True)
@@ -195,10 +194,7 @@ def image_stream(frame, storage: Storage, augmenter=None, data_cpus: float = 1.0
     import ray.data
 
     columns = [c for c in INDEX_COLUMNS if c != "patient_id"]
-    rows = frame[columns].reset_index(drop=True)
-    # Blocks of a few batches: a block is one decode task, and blocks decode in parallel.
-    blocks = [rows.iloc[i:i + STREAM_BLOCK_ROWS] for i in range(0, len(rows), STREAM_BLOCK_ROWS)]
-    return ray.data.from_pandas(blocks or [rows]).map_batches(
+    return ray.data.from_pandas(frame[columns].reset_index(drop=True)).map_batches(
         load_pixels, fn_kwargs={"storage": storage, "augmenter": augmenter},
         batch_format="numpy", batch_size=IMAGE_BATCH, num_cpus=data_cpus)
 
@@ -225,9 +221,7 @@ def cache_features(datasets: dict, config: TrainConfig, storage: Storage, plan,
         target = Location.parse(layout.features(name))
         storage.delete_prefix(target.uri)
         images.map_batches(
-            # Not the decode tasks' reservation: Ray Data would fuse decoding into the actor.
-            BackboneFeatures, batch_format="numpy", batch_size=IMAGE_BATCH,
-            num_cpus=plan.inference_actor_cpus,
+            BackboneFeatures, batch_format="numpy", batch_size=IMAGE_BATCH, num_cpus=plan.data_cpus,
             fn_constructor_kwargs={"weights": config.weights, "seed": config.seed,
                                    "storage": storage, "threads": plan.inference_threads},
             compute=ray.data.ActorPoolStrategy(min_size=1, max_size=plan.scoring_actors),
