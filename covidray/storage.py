@@ -304,14 +304,19 @@ class Storage:
                 delay = min(delay * 2, RETRY_MAX_DELAY_S)
 
     def read_bytes(self, uri: str) -> bytes:
+        return self.read_with_etag(uri)[0]
+
+    def read_with_etag(self, uri: str) -> tuple[bytes, str]:
+        """An object's bytes and the ETag of that version (the body is read inside the
+        retry, so a body cut off by an outage is fetched again)."""
         location = _as_location(uri)
         if not location.is_s3:
             with open(location.key, "rb") as fh:
-                return fh.read()
+                return fh.read(), _local_etag(location.key)
 
         def get():
             response = self.client().get_object(Bucket=location.bucket, Key=location.key)
-            return response["Body"].read()
+            return response["Body"].read(), response["ETag"]
 
         return self.riding_out_outages(get, f"reading {location.uri}")
 
@@ -375,15 +380,6 @@ class Storage:
                 return None
             raise
         return response["ETag"]
-
-    def read_with_etag(self, uri: str) -> tuple[bytes, str]:
-        location = _as_location(uri)
-        if not location.is_s3:
-            return self.read_bytes(uri), _local_etag(location.key)
-        response = self.riding_out_outages(
-            lambda: self.client().get_object(Bucket=location.bucket, Key=location.key),
-            f"reading {location.uri}")
-        return response["Body"].read(), response["ETag"]
 
     def delete_if_match(self, uri: str, etag: str) -> None:
         """Delete ``uri`` if it is still the version ``etag`` (best effort on S3 servers

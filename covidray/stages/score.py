@@ -16,6 +16,7 @@ part without ``_SUCCESS.json``; the next run adopts what it wrote instead of res
 from __future__ import annotations
 
 import hashlib
+import io
 import time
 import uuid
 from dataclasses import dataclass
@@ -239,7 +240,8 @@ class Run:
         try:
             listed = snapshot_index(storage, self.config.archive, self.staging,
                                     self.config.allow_local_paths)
-            adopted = self.adopt_killed_runs()
+            counts = self.adopt_killed_runs()
+            adopted = counts["scored"] + counts["failed"]
             todo = self.stage_todo(current, adopted)
             if todo == 0 and adopted == 0:
                 storage.delete_prefix(layout.root)
@@ -249,7 +251,6 @@ class Run:
                 return {"archive": self.config.archive, "output": self.config.output,
                         "listed": listed, "new": 0, "nothing_new": True, "last_run": last}
             print(f"{todo} of {listed} listed objects are new or changed", flush=True)
-            counts = self.count_parts()
             if todo:
                 counts = self.score(staged_index(self.storage, self.staging, "todo"), todo,
                                     already=counts)
@@ -331,10 +332,10 @@ class Run:
                           f" -> {self.model_digest}): scoring everything again", flush=True)
         return self._current
 
-    def adopt_killed_runs(self) -> int:
+    def adopt_killed_runs(self) -> dict:
         """Move the parts of earlier runs of this model that never published (killed) into
-        this run; returns how many objects they had scored or recorded as failed."""
-        adopted = 0
+        this run; returns the counts of what they had scored or recorded as failed."""
+        counts = {"scored": 0, "failed": 0, "labelled": 0}
         committed = set(self.current()["runs"])
         for config_uri in self.storage.list_files(self.base.runs, (".json",)):
             part_root = config_uri.rsplit("/", 1)[0]
@@ -345,17 +346,20 @@ class Run:
                 continue
             if self.storage.read_json(old.config).get("model_digest") != self.model_digest:
                 continue
-            for folder, target in ((old.predictions, self.layout.predictions),
-                                   (old.errors, self.layout.errors)):
+            for folder, target, key in ((old.predictions, self.layout.predictions, "scored"),
+                                        (old.errors, self.layout.errors, "failed")):
                 for part in self.storage.list_files(folder, (".parquet",)):
                     if part.endswith("part-empty.parquet"):
                         continue
-                    adopted += len(self.storage.read_table(part))
-                    self.storage.write_bytes(f"{target}/{name}-{part.rsplit('/', 1)[-1]}",
-                                             self.storage.read_bytes(part))
+                    data = self.storage.read_bytes(part)  # read once: counted, then copied
+                    frame = pd.read_parquet(io.BytesIO(data), columns=["label"])
+                    counts[key] += len(frame)
+                    if key == "scored":
+                        counts["labelled"] += int(frame["label"].isin(LABELS).sum())
+                    self.storage.write_bytes(f"{target}/{name}-{part.rsplit('/', 1)[-1]}", data)
             self.storage.delete_prefix(part_root)
             print(f"resumed: adopted what the unfinished run {name} had written", flush=True)
-        return adopted
+        return counts
 
     def sorted_keys(self, folders: list[str], columns: list[str]):
         """Rows of the Parquet parts under ``folders``, URI-sorted by one Ray sort."""
@@ -387,17 +391,6 @@ class Run:
             self.storage.write_table(f"{self.staging}/todo/part-{number:05d}.parquet", frame)
             todo += len(frame)
         return todo
-
-    def count_parts(self) -> dict:
-        """Counts of what this run's part already holds (adopted parts)."""
-        counts = {"scored": 0, "failed": 0, "labelled": 0}
-        for folder, key in ((self.layout.predictions, "scored"), (self.layout.errors, "failed")):
-            for part in self.storage.list_files(folder, (".parquet",)):
-                frame = self.storage.read_table(part)
-                counts[key] += len(frame)
-                if key == "scored":
-                    counts["labelled"] += int(frame["label"].isin(LABELS).sum())
-        return counts
 
     def write_state(self, current: dict) -> None:
         """The next state table generation: the previous one with this run's rows merged in."""
