@@ -30,6 +30,7 @@ from PIL import Image
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "infra", "local"))
 
+import ray_head  # noqa: E402
 import s3_server  # noqa: E402
 
 from covidray.datasets import load_pixels  # noqa: E402
@@ -109,8 +110,8 @@ def main() -> None:
     import ray
 
     cpus = os.cpu_count() or 1
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     directory = tempfile.mkdtemp(prefix="covidray-bench-")
+    os.environ.update(ray_head.token_env(directory))
     env = s3_server.start(directory, free_port())
     os.environ.update(env)
     try:

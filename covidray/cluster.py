@@ -56,6 +56,25 @@ def plan_resources(cluster: dict, workers: int = 1, use_gpu: bool = False) -> Re
     )
 
 
+def alive_nodes(ray) -> int:
+    return sum(1 for node in ray.nodes() if node.get("Alive"))
+
+
+def require_object_storage(nodes: int, **locations: str | None) -> None:
+    """On a cluster of several nodes every location a worker reads or writes must be object
+    storage: a local path names a file on one machine only. ``locations`` maps option names
+    (``data=...``) to their values; ``None`` and keywords without a slash are skipped."""
+    if nodes < 2:
+        return
+    for name, value in locations.items():
+        if value and "/" in value and not value.startswith("s3://"):
+            option = name.replace("_", "-")
+            raise ValueError(
+                f"--{option} {value} is a local path, but this Ray cluster has {nodes} nodes: "
+                "workers on the other nodes cannot see it. Put it in object storage "
+                f"(--{option} s3://BUCKET/...) and run again")
+
+
 def connect_ray(address: str | None = None):
     """Join the cluster at ``address`` / ``$RAY_ADDRESS`` (as under ``ray job submit``; ``auto``
     finds a ``ray start`` cluster on this machine), or start a private local instance when

@@ -5,6 +5,7 @@ A **run directory** (``covidray train --run``)::
     <run>/train/config.json        the TrainConfig that made this run
     <run>/train/splits.parquet     every image with its train/val/test split
     <run>/train/history.json       per-epoch loss and validation metrics
+    <run>/train/placement.json     which node each training worker ran on (latest attempt)
     <run>/train/checkpoints/       Ray Train checkpoints (checkpoint_*/checkpoint.pt)
     <run>/train/features/<split>/  frozen-backbone features (Parquet), when only the head trains
     <run>/model/model.pt           final checkpoint {model, optimizer, epoch, config, ...}
@@ -76,6 +77,10 @@ class RunLayout(_Layout):
     @property
     def history(self) -> str:
         return self._at("train", "history.json")
+
+    @property
+    def placement(self) -> str:
+        return self._at("train", "placement.json")
 
     @property
     def checkpoints(self) -> str:

@@ -10,18 +10,23 @@ from __future__ import annotations
 import os
 import socket
 import sys
+import tempfile
 import uuid
 
 import pytest
 
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # the mode infra/local/ray_head.py uses
 os.environ["AWS_EC2_METADATA_DISABLED"] = "true"
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "infra", "local"))
 
+import ray_head  # noqa: E402
 import s3_server  # noqa: E402
+
+# Every Ray instance the tests start (ray.init, `ray start`) asks for a token, as the local
+# head of infra/local does: one token file (0600) for the session, found through the env.
+os.environ.update(ray_head.token_env(tempfile.mkdtemp(prefix="covidray-ray-auth-")))
 
 from covidray.storage import Storage, StorageSettings  # noqa: E402
 

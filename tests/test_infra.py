@@ -176,8 +176,12 @@ def test_dockerignore_keeps_the_venv_local_secrets_and_git_out():
 
 
 def test_local_s3_server_restarts_on_its_data_and_keeps_secrets_private(tmp_path, monkeypatch):
-    """down.sh then up.sh: the server comes back on its existing data directory."""
+    """down.sh then up.sh: the server comes back on its existing data directory; nothing
+    anonymous reads or writes the store through SeaweedFS's internal filer or volume ports."""
+    import json
     import stat
+    import urllib.error
+    import urllib.request
 
     import s3_server
 
@@ -199,7 +203,22 @@ def test_local_s3_server_restarts_on_its_data_and_keeps_secrets_private(tmp_path
         env = s3_server.start(directory, int(env["AWS_ENDPOINT_URL"].rsplit(":", 1)[1]),
                               timeout=30)
         assert storage().read_bytes("s3://kept/a.txt") == b"still here"
-        for name in ("credentials.json", "s3.json"):
+
+        with open(os.path.join(directory, "ports.json")) as fh:
+            ports = json.load(fh)
+        probes = [("GET", f"http://127.0.0.1:{ports['filer']}/buckets/kept/a.txt", None),
+                  ("GET", f"http://127.0.0.1:{ports['filer']}/buckets/kept/", None),
+                  ("PUT", f"http://127.0.0.1:{ports['filer']}/buckets/kept/evil.txt", b"x"),
+                  ("DELETE", f"http://127.0.0.1:{ports['filer']}/buckets/kept/a.txt", None),
+                  ("GET", f"http://127.0.0.1:{ports['volume']}/1,01", None)]
+        for method, url, body in probes:
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                urllib.request.urlopen(urllib.request.Request(url, data=body, method=method),
+                                       timeout=10)
+            assert refused.value.code == 401, (method, url, refused.value.code)
+        assert storage().read_bytes("s3://kept/a.txt") == b"still here"
+        assert not storage().exists("s3://kept/evil.txt")
+        for name in ("credentials.json", "s3.json", "security.toml"):
             mode = stat.S_IMODE(os.stat(os.path.join(directory, name)).st_mode)
             assert mode == 0o600, (name, oct(mode))
     finally:

@@ -14,8 +14,13 @@ pytestmark = pytest.mark.cluster
 
 
 @pytest.fixture(scope="module")
-def ray_cluster(tmp_path_factory, s3_env):
-    directory = str(tmp_path_factory.mktemp("ray-head"))
+def ray_head_directory(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("ray-head"))
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(ray_head_directory, s3_env):
+    directory = ray_head_directory
     # Free ports throughout, so a developer's own local head can keep running beside it.
     # The node carries the S3 credentials in its environment (jobs and workers inherit them).
     address = ray_head.start(directory, port=free_port(), dashboard_port=free_port(), num_cpus=2,
@@ -98,3 +103,87 @@ def test_score_job_with_wrong_credentials_fails_with_a_clear_message(ray_cluster
                      f"--output s3://{BUCKET}/y", env, timeout=300)
     assert status == JobStatus.FAILED
     assert "rejected the credentials" in logs
+
+
+def _listening_sockets(root_pid: int) -> list[tuple[str, int, str]]:
+    """(address, port, process name) of every TCP socket in LISTEN state held by
+    ``root_pid`` or its descendants, read from /proc (IPv4 and IPv6)."""
+    import glob
+    import ipaddress
+    import os
+
+    pids, todo = set(), [root_pid]
+    while todo:
+        pid = todo.pop()
+        pids.add(pid)
+        for children in glob.glob(f"/proc/{pid}/task/*/children"):
+            with open(children) as fh:
+                todo += [int(child) for child in fh.read().split()]
+    owner = {}
+    for pid in pids:
+        for fd in glob.glob(f"/proc/{pid}/fd/*"):
+            try:
+                target = os.readlink(fd)
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                with open(f"/proc/{pid}/comm") as fh:
+                    owner[target[8:-1]] = fh.read().strip()
+    found = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as fh:
+            for line in fh.readlines()[1:]:
+                fields = line.split()
+                local, state, inode = fields[1], fields[3], fields[9]
+                if state != "0A" or inode not in owner:  # 0A: LISTEN
+                    continue
+                hex_ip, hex_port = local.split(":")
+                raw = bytes.fromhex(hex_ip)
+                if len(raw) == 4:
+                    address = ipaddress.IPv4Address(raw[::-1])
+                else:  # four little-endian 32-bit words
+                    address = ipaddress.IPv6Address(b"".join(raw[i:i + 4][::-1]
+                                                             for i in range(0, 16, 4)))
+                found.append((str(address), int(hex_port, 16), owner[inode]))
+    return found
+
+
+def test_every_port_of_the_local_head_is_loopback_or_asks_for_the_token(ray_cluster, s3_env,
+                                                                        ray_head_directory):
+    """Ray's gRPC servers listen on every interface whatever --node-ip-address says, so the
+    local head runs with token authentication: each port is loopback-only, refuses a caller
+    without the token, or (Prometheus metrics, read-only) holds no secret."""
+    import ipaddress
+    import os
+    import subprocess
+    import sys
+    import urllib.error
+    import urllib.request
+
+    import pidfile
+
+    sockets = _listening_sockets(pidfile.running_pid(os.path.join(ray_head_directory, "ray.pid")))
+    exposed = [(a, p, name) for a, p, name in sockets if not ipaddress.ip_address(a).is_loopback]
+    assert any(name == "gcs_server" for _, _, name in exposed), sockets  # the probe sees them
+    with open(os.environ["RAY_AUTH_TOKEN_PATH"]) as fh:
+        secrets = [s3_env["AWS_SECRET_ACCESS_KEY"], fh.read().strip()]
+    for address, port, name in exposed:
+        if name in ("gcs_server", "raylet"):
+            continue  # gRPC: the GCS probe below shows the token is asked for
+        host = "127.0.0.1" if ipaddress.ip_address(address).is_unspecified else address
+        try:  # HTTP without the token
+            with urllib.request.urlopen(f"http://{host}:{port}/", timeout=10) as response:
+                body = response.read().decode(errors="replace")
+        except urllib.error.HTTPError as refused:
+            assert refused.code == 401, (port, name, refused.code)
+            continue
+        assert body.startswith("# HELP"), (port, name, body[:200])  # metrics only
+        assert not any(secret in body for secret in secrets), (port, name)
+
+    gcs = next(p for _, p, name in exposed if name == "gcs_server")
+    probe = subprocess.run(
+        [sys.executable, "-c", f"import ray; ray.init(address='127.0.0.1:{gcs}')"],
+        env={**os.environ, "RAY_AUTH_TOKEN": "not-the-token"}, capture_output=True, text=True,
+        timeout=120)
+    assert probe.returncode != 0
+    assert "Authentication token is missing or incorrect" in probe.stderr, probe.stderr[-2000:]

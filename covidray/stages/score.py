@@ -58,8 +58,8 @@ class ScoreConfig:
                                            "chosen on validation by `covidray evaluate`; "
                                            "else the model's training default)")
     batch_size: int = option(32, "images per inference batch")
-    actors: int | None = option(None, "most onnxruntime actors (default: sized from the "
-                                      "cluster)")
+    actors: int | None = option(None, "onnxruntime actors, exactly (default: sized from the "
+                                      "cluster, 1 up to one per 2 CPUs)")
     allow_local_paths: bool = option(False, "let a manifest held in object storage name local "
                                             "paths, opened on the workers")
     incremental: bool = option(False, "score only what is new or changed (key + ETag/size) "
@@ -262,9 +262,11 @@ class Run:
 
     # --- pieces -------------------------------------------------------------------------
     def connect(self):
-        from covidray.cluster import connect_ray, plan_resources
+        from covidray.cluster import alive_nodes, connect_ray, plan_resources, require_object_storage
 
         ray = connect_ray(self.ray_address)
+        require_object_storage(alive_nodes(ray), archive=self.config.archive,
+                               output=self.config.output, model=self.config.model)
         return plan_resources(ray.cluster_resources())
 
     def score(self, index, expected: int, already: dict | None = None) -> dict:
@@ -283,8 +285,10 @@ class Run:
                                 # Not the decode tasks' reservation: Ray Data would fuse
                                 # them into the actor, and decoding would wait on inference.
                                 num_cpus=plan.inference_actor_cpus,
+                                scheduling_strategy="SPREAD",  # over the nodes there are
                                 compute=ray.data.ActorPoolStrategy(
-                                    min_size=1, max_size=self.config.actors or plan.scoring_actors)))
+                                    min_size=self.config.actors or 1,
+                                    max_size=self.config.actors or plan.scoring_actors)))
         writer = PartWriter(self.storage, self.layout, self.run_id, already,
                             self.config.progress_seconds)
         progress = Progress(expected, self.config.progress_seconds)

@@ -129,7 +129,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
         start_epoch, history = restored["epoch"] + 1, list(restored["history"])
     trainable = ray.train.torch.prepare_model(trainable)
     criterion = nn.CrossEntropyLoss()
-    rank = ray.train.get_context().get_world_rank()
+    context = ray.train.get_context()
+    rank = context.get_world_rank()
+    placement = worker_placement(rank, context.get_world_size())
+    if rank == 0:
+        storage.write_json(RunLayout(config.run).placement, placement)
 
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
@@ -167,6 +171,21 @@ def train_loop_per_worker(loop_config: dict) -> None:
                     fh.write(checkpoint_bytes(state))
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=checkpoint)
+
+
+def worker_placement(rank: int, world_size: int) -> list[dict]:
+    """Where each worker of this attempt runs, in rank order: ``[{rank, node_id, node_ip}]``."""
+    import ray
+
+    here = {"rank": rank, "node_id": ray.get_runtime_context().get_node_id(),
+            "node_ip": ray.util.get_node_ip_address()}
+    if world_size == 1:
+        return [here]
+    import torch.distributed as dist
+
+    everyone = [None] * world_size
+    dist.all_gather_object(everyone, here)
+    return everyone
 
 
 def _restore(ray_checkpoint, resume_from: str | None, storage: Storage) -> dict | None:
@@ -224,6 +243,7 @@ def cache_features(datasets: dict, config: TrainConfig, storage: Storage, plan,
             BackboneFeatures, batch_format="numpy", batch_size=IMAGE_BATCH, num_cpus=plan.data_cpus,
             fn_constructor_kwargs={"weights": config.weights, "seed": config.seed,
                                    "storage": storage, "threads": plan.inference_threads},
+            scheduling_strategy="SPREAD",  # over the nodes there are
             compute=ray.data.ActorPoolStrategy(min_size=1, max_size=plan.scoring_actors),
         ).write_parquet(target.fs_path, filesystem=storage.filesystem(target))
         # Small (2 KB an image): hold them in the object store, so epochs do not re-read storage.
@@ -259,7 +279,7 @@ def fit(config: TrainConfig, storage: Storage, ray_address: str | None = None) -
 
     Returns a summary dict (epochs run, final metrics, where the artifacts are).
     """
-    from covidray.cluster import connect_ray, plan_resources
+    from covidray.cluster import alive_nodes, connect_ray, plan_resources, require_object_storage
 
     if not config.data or not config.run:
         raise ValueError("training needs both data (--data) and a run directory (--run)")
@@ -273,6 +293,9 @@ def fit(config: TrainConfig, storage: Storage, ray_address: str | None = None) -
     ray = connect_ray(ray_address)
     import ray.train
     from ray.train.torch import TorchTrainer
+
+    require_object_storage(alive_nodes(ray), data=config.data, run=config.run,
+                           weights=config.weights)
 
     index, train_index = prepare_index(config, storage)
     storage.write_table(layout.splits, index)
@@ -302,6 +325,8 @@ def fit(config: TrainConfig, storage: Storage, ray_address: str | None = None) -
                            "weights_note": describe_weights(config.weights)},
         scaling_config=ray.train.ScalingConfig(
             num_workers=plan.workers, use_gpu=config.use_gpu,
+            placement_strategy="SPREAD",  # across nodes where there are several: a lost node
+                                          # costs one worker, and each node's NIC feeds one
             resources_per_worker={"CPU": plan.worker_cpus,
                                   **({"GPU": plan.worker_gpus} if config.use_gpu else {})}),
         datasets=datasets,
@@ -322,6 +347,9 @@ def fit(config: TrainConfig, storage: Storage, ray_address: str | None = None) -
     storage.write_bytes(layout.model_checkpoint, final)
     state = torch.load(io.BytesIO(final), map_location="cpu", weights_only=True)
     storage.write_json(layout.history, state["history"])
+    placement = storage.read_json(layout.placement)
+    print(f"training workers: {len(placement)} on "
+          f"{len({worker['node_id'] for worker in placement})} node(s)")
     return {"epochs": state["epoch"] + 1, "final": state["history"][-1],
             "model": layout.model_checkpoint, "history": layout.history,
             "splits": layout.splits, "checkpoints": layout.checkpoints,

@@ -8,15 +8,20 @@
 SIGTERM, which ends the processes that node started and nothing else (no ``ray stop``,
 which would end every Ray process on the machine). Idempotent.
 
-Authentication: the local head runs with ``RAY_AUTH_MODE=disabled`` and binds to
-127.0.0.1; set the same mode for clients (``infra/local/env.sh`` does). Clusters that
-others can reach should use ``RAY_AUTH_MODE=token`` (see README).
+Authentication: Ray's GCS and raylet gRPC servers listen on every interface whatever
+``--node-ip-address`` says (Ray 2.60), so the local head runs with ``RAY_AUTH_MODE=token``:
+every RPC and HTTP entry point (GCS, raylet, dashboard, job API) asks for the token in
+``<dir>/auth_token`` (0600, generated on the first start). Clients need the same two
+variables, which :func:`token_env` returns and ``.local/env.sh`` exports. The dashboard
+and the Ray client server listen on 127.0.0.1 only.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import secrets
 import shutil
 import sys
 import urllib.request
@@ -24,16 +29,32 @@ import urllib.request
 from pidfile import already_running, launch, stop_recorded
 
 DEFAULT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", ".local", "ray")
-AUTH_MODE = "disabled"
+
+
+def token_env(directory: str = DEFAULT_DIR) -> dict:
+    """The client and node variables for token authentication: ``RAY_AUTH_TOKEN_PATH`` from
+    the environment when it is set, else ``<directory>/auth_token`` (created 0600)."""
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH") or os.path.join(os.path.abspath(directory),
+                                                                  "auth_token")
+    if not os.path.exists(path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(secrets.token_hex(32))
+    return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": path}
 
 
 def _pid_file(directory: str) -> str:
     return os.path.join(directory, "ray.pid")
 
 
-def dashboard_up(dashboard_port: int) -> bool:
+def dashboard_up(dashboard_port: int, token_path: str) -> bool:
+    """The dashboard answers an authenticated request."""
+    with open(token_path) as fh:
+        request = urllib.request.Request(f"http://127.0.0.1:{dashboard_port}/api/version",
+                                         headers={"Authorization": f"Bearer {fh.read().strip()}"})
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{dashboard_port}/api/version", timeout=2) as r:
+        with urllib.request.urlopen(request, timeout=2) as r:
             return r.status == 200
     except Exception:
         return False
@@ -45,9 +66,11 @@ def start(directory: str = DEFAULT_DIR, port: int = 6380, dashboard_port: int = 
     """Start the head (or find it running); returns the dashboard address for ``ray job submit``."""
     directory = os.path.abspath(directory)
     address = f"http://127.0.0.1:{dashboard_port}"
-    if already_running(_pid_file(directory), lambda: dashboard_up(dashboard_port), "a Ray head"):
+    auth = token_env(directory)
+    up = lambda: dashboard_up(dashboard_port, auth["RAY_AUTH_TOKEN_PATH"])  # noqa: E731
+    if already_running(_pid_file(directory), up, "a Ray head"):
         return address
-    if dashboard_up(dashboard_port):
+    if up():
         raise SystemExit(f"another Ray dashboard already answers on port {dashboard_port}: "
                          "stop it or pick --dashboard-port")
     os.makedirs(directory, exist_ok=True)
@@ -65,11 +88,53 @@ def start(directory: str = DEFAULT_DIR, port: int = 6380, dashboard_port: int = 
                f"--ray-client-server-port={client_port}",
                f"--dashboard-agent-listen-port={agent_port}",
                "--disable-usage-stats", "--include-dashboard=true"]
-    child_env = {**os.environ, "RAY_AUTH_MODE": AUTH_MODE,
+    child_env = {**os.environ, **auth,
                  "PATH": f"{python_bin}{os.pathsep}{os.environ.get('PATH', '')}", **(env or {})}
     launch(command, os.path.join(directory, "ray.out"), _pid_file(directory),
-           lambda: dashboard_up(dashboard_port), timeout, whole_group=False, env=child_env)
+           up, timeout, whole_group=False, env=child_env)
     return address
+
+
+def alive_nodes(dashboard_port: int, token_path: str) -> list[dict]:
+    """The cluster's alive nodes, from the dashboard's state API."""
+    with open(token_path) as fh:
+        request = urllib.request.Request(f"http://127.0.0.1:{dashboard_port}/api/v0/nodes",
+                                         headers={"Authorization": f"Bearer {fh.read().strip()}"})
+    with urllib.request.urlopen(request, timeout=5) as response:
+        nodes = json.load(response)["data"]["result"]["result"]
+    return [node for node in nodes if node["state"] == "ALIVE"]
+
+
+def join(directory: str, head_port: int, dashboard_port: int, num_cpus: int,
+         resources: dict | None = None, env: dict | None = None, timeout: float = 90,
+         agent_port: int = 52366) -> None:
+    """Start a second node (``ray start --address``) that joins the head on this machine, as
+    another machine's node would; its PID goes to ``<directory>/ray.pid`` (:func:`stop`)."""
+    directory = os.path.abspath(directory)
+    os.makedirs(directory, exist_ok=True)
+    auth = token_env(directory)
+
+    def workers() -> int:
+        nodes = alive_nodes(dashboard_port, auth["RAY_AUTH_TOKEN_PATH"])
+        return sum(1 for node in nodes if not node["is_head_node"])
+
+    before = workers()
+    python_bin = os.path.dirname(sys.executable)
+    command = [os.path.join(python_bin, "ray"), "start", "--block",
+               f"--address=127.0.0.1:{head_port}", f"--num-cpus={num_cpus}",
+               f"--resources={json.dumps(resources or {})}",
+               f"--dashboard-agent-listen-port={agent_port}", "--disable-usage-stats"]
+    child_env = {**os.environ, **auth,
+                 "PATH": f"{python_bin}{os.pathsep}{os.environ.get('PATH', '')}", **(env or {})}
+
+    def joined() -> bool:
+        try:
+            return workers() > before
+        except OSError:
+            return False
+
+    launch(command, os.path.join(directory, "ray.out"), _pid_file(directory), joined, timeout,
+           whole_group=False, env=child_env)
 
 
 def stop(directory: str = DEFAULT_DIR, timeout: float = 30) -> bool:
@@ -80,7 +145,7 @@ def stop(directory: str = DEFAULT_DIR, timeout: float = 30) -> bool:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("action", choices=["start", "stop"])
+    parser.add_argument("action", choices=["start", "stop", "env"])
     parser.add_argument("--dir", default=os.environ.get("COVIDRAY_RAY_DIR", DEFAULT_DIR))
     parser.add_argument("--port", type=int, default=int(os.environ.get("COVIDRAY_RAY_PORT", 6380)))
     parser.add_argument("--dashboard-port", type=int,
@@ -91,8 +156,11 @@ def main(argv=None) -> None:
     if args.action == "start":
         address = start(args.dir, args.port, args.dashboard_port, args.num_cpus)
         print(f"Ray head ready; submit jobs with --address {address}", file=sys.stderr)
-    else:
+    elif args.action == "stop":
         print("stopped" if stop(args.dir) else "not running", file=sys.stderr)
+    else:
+        for key, value in token_env(args.dir).items():
+            print(f"export {key}={value}")
 
 
 if __name__ == "__main__":

@@ -6,7 +6,10 @@
     python infra/local/s3_server.py stop
 
 Bound to 127.0.0.1, telemetry off, never anonymous: credentials are generated on the
-first start into ``<dir>/s3.json`` (the server's identities) and ``<dir>/credentials.env``.
+first start into ``<dir>/s3.json`` (the server's identities) and ``<dir>/credentials.json``,
+and ``<dir>/security.toml`` holds JWT keys, so the internal filer and volume HTTP ports
+answer 401 to anyone but the S3 gateway (SeaweedFS's filer otherwise serves anonymous
+GET/PUT/DELETE of every bucket's objects). All three files are 0600.
 Idempotent: ``start`` on a running server only checks it; ``stop`` ends only the
 process whose PID ``start`` recorded. The test suite imports :func:`start` / :func:`stop`.
 """
@@ -35,6 +38,24 @@ def weed_binary() -> str:
     return found
 
 
+def _write_secret(path: str, text: str) -> None:
+    """Readable by its owner only, from the moment it exists."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+
+
+def _security_toml(directory: str) -> None:
+    """JWT keys that make the filer and volume servers refuse unsigned reads and writes."""
+    path = os.path.join(directory, "security.toml")
+    if not os.path.exists(path):
+        os.makedirs(directory, exist_ok=True)
+        _write_secret(path, "".join(f'[{section}]\nkey = "{secrets.token_hex(32)}"\n'
+                                    for section in ("jwt.signing", "jwt.signing.read",
+                                                    "jwt.filer_signing",
+                                                    "jwt.filer_signing.read")))
+
+
 def _credentials(directory: str) -> dict:
     path = os.path.join(directory, "credentials.json")
     if not os.path.exists(path):
@@ -46,11 +67,7 @@ def _credentials(directory: str) -> dict:
             "actions": ["Admin", "Read", "List", "Tagging", "Write"]}]}
         os.makedirs(directory, exist_ok=True)
         for name, content in (("s3.json", identities), ("credentials.json", creds)):
-            # Secrets: readable by their owner only, from the moment they exist.
-            fd = os.open(os.path.join(directory, name), os.O_WRONLY | os.O_CREAT | os.O_TRUNC,
-                         0o600)
-            with os.fdopen(fd, "w") as fh:
-                json.dump(content, fh)
+            _write_secret(os.path.join(directory, name), json.dumps(content))
     with open(path) as fh:
         return json.load(fh)
 
@@ -122,15 +139,18 @@ def start(directory: str = DEFAULT_DIR, port: int = DEFAULT_PORT, timeout: float
     data, logs = os.path.join(directory, "data"), os.path.join(directory, "logs")
     os.makedirs(data, exist_ok=True)
     os.makedirs(logs, exist_ok=True)
+    _security_toml(directory)
     # Free ports for the internal master/volume/filer services, so several servers
-    # (a developer's and the tests') can run side by side.
-    command = [weed_binary(), f"-logdir={logs}", "mini", f"-dir={data}",
+    # (a developer's and the tests') can run side by side; recorded in ports.json.
+    internal = {service: _free_port_pair() for service in ("master", "volume", "filer", "admin")}
+    with open(os.path.join(directory, "ports.json"), "w") as fh:
+        json.dump(internal, fh)
+    command = [weed_binary(), f"-logdir={logs}", f"-config_dir={directory}", "mini", f"-dir={data}",
                "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-master.telemetry=false",
                "-webdav=false", "-admin.ui=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
                f"-s3.port={port}", f"-s3.config={os.path.join(directory, 's3.json')}",
                "-master.volumeSizeLimitMB=64",
-               *(f"-{service}.port={_free_port_pair()}"
-                 for service in ("master", "volume", "filer", "admin"))]
+               *(f"-{service}.port={port}" for service, port in internal.items())]
     mini_options = os.path.join(data, "mini.options")
     if os.path.exists(mini_options):
         os.unlink(mini_options)  # weed re-reads stale flags from here on restart

@@ -5,5 +5,4 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 infra/local/setup.sh
 source .venv/bin/activate
-export RAY_AUTH_MODE=disabled
 python -m pytest "$@"

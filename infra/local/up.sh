@@ -4,12 +4,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=.venv/bin/python
-export RAY_AUTH_MODE=disabled
 umask 077
 mkdir -p .local
 $PY infra/local/s3_server.py start
 { $PY infra/local/s3_server.py env
-  echo "export RAY_AUTH_MODE=disabled"
+  $PY infra/local/ray_head.py env   # RAY_AUTH_MODE=token and the token file (0600)
   # Drivers (covidray train/score run here) join through the GCS address; `ray job submit`
   # talks to the dashboard: --address "$COVIDRAY_RAY_DASHBOARD".
   echo "export RAY_ADDRESS=127.0.0.1:${COVIDRAY_RAY_PORT:-6380}"
