@@ -62,3 +62,13 @@ def test_resource_plan_leaves_cpus_for_data_on_a_two_cpu_cluster():
     assert two.worker_cpus == 0.5 and two.worker_cpus * 2 < 2.0
     with pytest.raises(ValueError, match="needs 2 GPUs"):
         plan_resources({"CPU": 8.0, "GPU": 1.0}, workers=2, use_gpu=True)
+
+
+def test_local_paths_are_refused_only_on_a_cluster_of_several_nodes():
+    from covidray.cluster import require_object_storage
+
+    require_object_storage(1, archive="/data/archive", output="./scores")  # one machine: fine
+    require_object_storage(3, archive="s3://b/archive", weights="imagenet", model=None)
+    with pytest.raises(ValueError, match=r"--output ./scores is a local path, but this Ray "
+                                         r"cluster has 3 nodes.*--output s3://"):
+        require_object_storage(3, archive="s3://b/archive", output="./scores")
