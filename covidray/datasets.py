@@ -16,14 +16,17 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pandas as pd
 
-from covidray.images import (IMAGE_SUFFIXES, INPUT_SIZE, DecodeError, decode_xray, normalize,
+from covidray.dicom import DICOM_COLUMNS
+from covidray.images import (IMAGE_SUFFIXES, INPUT_SIZE, DecodeError, decode_with_tags, normalize,
                              to_input_pixels)
 from covidray.labels import LABELS, label_index
 from covidray.storage import Location, Storage, StorageError, StorageOutage
+from covidray.views import VIEW_POLICIES, view_check
 
 SPLITS = ("train", "val", "test")
 INDEX_COLUMNS = ("uri", "label", "patient_id", "group", "split", "source", "copy")
 ARCHIVE_COLUMNS = ["uri", "label", "source", "group"]  # what an index row carries to outputs
+LOADED_COLUMNS = [*DICOM_COLUMNS, "view_check"]  # what loading an image adds to its row
 _URI_COLUMNS = ("uri", "image", "path", "file")
 _LABEL_ALIASES = {"covid": "covid", "covid-19": "covid", "covid19": "covid", "positive": "covid",
                   "non_covid": "non_covid", "non-covid": "non_covid", "noncovid": "non_covid",
@@ -177,16 +180,22 @@ def grow_class(index: pd.DataFrame, label: str, target: int) -> pd.DataFrame:
     return pd.concat([index, *copies], ignore_index=True)
 
 
-def load_pixels(batch: dict, storage: Storage, augmenter=None, io_threads: int = 8) -> dict:
+def load_pixels(batch: dict, storage: Storage, augmenter=None, io_threads: int = 8,
+                views: str = "frontal") -> dict:
     """Fetch, decode and preprocess a batch of index rows.
 
-    Adds ``pixels`` (``uint8[N, 224, 224]``), ``target`` (class index) and ``error``
-    (``""`` when the row loaded, else the reason). A row that fails keeps all-zero
-    pixels so the batch stays rectangular; consumers act on ``error``.
-    Rows with ``copy`` >= 1 are augmented by ``augmenter``.
+    Adds ``pixels`` (``uint8[N, 224, 224]``), ``target`` (class index), ``error`` (``""``
+    when the row loaded, else the reason) and :data:`LOADED_COLUMNS` (the DICOM tags and
+    the view check; empty strings where there is nothing to say). A row that fails keeps
+    all-zero pixels so the batch stays rectangular; consumers act on ``error``.
+    Rows with ``copy`` >= 1 are augmented by ``augmenter``. With ``views="frontal"`` a
+    lateral view (DICOM ``ViewPosition``) is an error row, "lateral view skipped".
     """
+    if views not in VIEW_POLICIES:
+        raise ValueError(f"views must be one of {VIEW_POLICIES}, not '{views}'")
     uris = [str(u) for u in batch["uri"]]
     copies = batch.get("copy", np.zeros(len(uris), dtype=np.int64))
+    blank = dict.fromkeys(LOADED_COLUMNS, "")
 
     def one(i: int):
         try:
@@ -194,27 +203,35 @@ def load_pixels(batch: dict, storage: Storage, augmenter=None, io_threads: int =
         except StorageOutage:
             raise  # storage is down, not this image unreadable: the run fails, publishes nothing
         except Exception as exc:  # missing object, permissions
-            return None, f"read failed: {type(exc).__name__}: {exc}"
+            return None, f"read failed: {type(exc).__name__}: {exc}", blank
+        tags = blank
         try:
-            image = decode_xray(data)
+            image, tags = decode_with_tags(data)
+            pixels = to_input_pixels(image)
+            lateral, note = view_check(tags["view_position"], pixels)
+            tags = {**tags, "view_check": note}
+            if lateral and views == "frontal":
+                return None, f"{note} skipped: the model reads frontal views", tags
             if augmenter is not None and int(copies[i]) > 0:
-                image = augmenter(image, uris[i], int(copies[i]))
-            return to_input_pixels(image), ""
+                pixels = to_input_pixels(augmenter(image, uris[i], int(copies[i])))
+            return pixels, "", tags
         except DecodeError as exc:
-            return None, str(exc)
+            return None, str(exc), {**blank, **tags}
         except Exception as exc:
-            return None, f"preprocessing failed: {type(exc).__name__}: {exc}"
+            return None, f"preprocessing failed: {type(exc).__name__}: {exc}", {**blank, **tags}
 
     with ThreadPoolExecutor(max_workers=max(1, min(io_threads, len(uris)))) as pool:
         results = list(pool.map(one, range(len(uris))))
     pixels = np.zeros((len(uris), INPUT_SIZE, INPUT_SIZE), dtype=np.uint8)
-    for i, (array, _) in enumerate(results):
+    for i, (array, _, _) in enumerate(results):
         if array is not None:
             pixels[i] = array
     out = dict(batch)
     out["pixels"] = pixels
     out["target"] = label_index(batch["label"]) if "label" in batch else np.full(len(uris), -1)
-    out["error"] = np.asarray([error for _, error in results], dtype=object)
+    out["error"] = np.asarray([error for _, error, _ in results], dtype=object)
+    for column in LOADED_COLUMNS:
+        out[column] = np.asarray([tags.get(column, "") for _, _, tags in results], dtype=object)
     return out
 
 

@@ -19,15 +19,13 @@ import io
 import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
+from covidray.dicom import DICOM_COLUMNS, is_dicom, read_dicom
+from covidray.pixels import MAX_ASPECT_RATIO, MAX_PIXELS, DecodeError, check_dimensions, min_max_to_8bit
+
 INPUT_SIZE = 224
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
-# Memory per image is bounded whatever a file claims: hospital detectors give at most
-# ~4300x3500 (15 MP); decoding is refused above these, before any pixel is read.
-MAX_PIXELS = 40_000_000
-MAX_ASPECT_RATIO = 6
-
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".dicom")
 # Stored in every exported model; scoring refuses a model whose recipe differs.
 RECIPE = {
     "name": "covidray-grayscale-v1",
@@ -45,24 +43,23 @@ RECIPE = {
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 
-class DecodeError(ValueError):
-    """The bytes are not a usable image; the message is the reason recorded for it."""
-
-
-def check_dimensions(width: int, height: int) -> None:
-    """Refuse, from the header alone, an image whose decoding would take unbounded memory."""
-    if width * height > MAX_PIXELS:
-        raise DecodeError(f"image too large: {width}x{height} pixels, more than the "
-                          f"{MAX_PIXELS // 1_000_000} MP covidray decodes")
-    if max(width, height) > MAX_ASPECT_RATIO * max(1, min(width, height)):
-        raise DecodeError(f"not a chest X-ray: {width}x{height} pixels (aspect ratio above "
-                          f"{MAX_ASPECT_RATIO}:1)")
-
-
 def decode_xray(data: bytes) -> Image.Image:
-    """Decode PNG/JPEG/TIFF/BMP bytes (8/16-bit gray, RGB, RGBA, palette) to an 8-bit ``L`` image."""
+    """Decode DICOM or PNG/JPEG/TIFF/BMP bytes (8/16-bit gray, RGB, RGBA, palette) to an
+    8-bit ``L`` image."""
+    return decode_with_tags(data)[0]
+
+
+def decode_with_tags(data: bytes) -> tuple[Image.Image, dict]:
+    """:func:`decode_xray`, with the DICOM tags of :data:`DICOM_COLUMNS` (empty strings for
+    other formats)."""
     if not data:
         raise DecodeError("empty file (0 bytes)")
+    if is_dicom(data):
+        return read_dicom(data)
+    return _decode_picture(data), dict.fromkeys(DICOM_COLUMNS, "")
+
+
+def _decode_picture(data: bytes) -> Image.Image:
     try:
         image = Image.open(io.BytesIO(data))  # reads the header only
         check_dimensions(*image.size)
@@ -80,17 +77,7 @@ def decode_xray(data: bytes) -> Image.Image:
 
 def _to_8bit_gray(image: Image.Image) -> Image.Image:
     if image.mode in ("I;16", "I;16B", "I;16L"):
-        # Min-max window in exact integer arithmetic (4 bytes a pixel, no float64 copy):
-        # round((v - lo) * 255 / (hi - lo)), halves rounded up.
-        values = np.asarray(image).astype(np.uint32)
-        lo, hi = int(values.min()), int(values.max())
-        if hi == lo:
-            return Image.new("L", image.size, 0)
-        values -= lo
-        values *= 510
-        values += hi - lo
-        values //= 2 * (hi - lo)
-        return Image.fromarray(values.astype(np.uint8))
+        return min_max_to_8bit(np.asarray(image))
     if image.mode in ("I", "F"):
         values = np.asarray(image, dtype=np.float32)
         lo, hi = float(values.min()), float(values.max())

@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 
 from covidray.config import option, to_dict
-from covidray.datasets import (ARCHIVE_COLUMNS, is_manifest, iter_prefix_rows, load_pixels,
+from covidray.datasets import (ARCHIVE_COLUMNS, LOADED_COLUMNS, is_manifest, iter_prefix_rows, load_pixels,
                                manifest_to_index, normalise_index)
 from covidray.images import IMAGE_SUFFIXES
 from covidray.incremental import (STATE_COLUMNS, UNKNOWN_ETAG, UNKNOWN_SIZE, frames_of,
@@ -38,11 +38,14 @@ from covidray.metrics import (PAPER_THRESHOLDS, ScoreSummary, SortedAUC, metrics
 from covidray.model_card import scoring_threshold
 from covidray.onnx_model import OnnxScorer
 from covidray.storage import Location, Storage, StorageError
+from covidray.views import VIEW_POLICIES
 
 IDENTITY_COLUMNS = ["etag", "size"]  # with the uri: which version of an object was scored
 CARRIED = [*ARCHIVE_COLUMNS, *IDENTITY_COLUMNS]  # what an index row carries to the outputs
-PREDICTION_COLUMNS = [*CARRIED, "score", "prediction", "threshold"]
-ERROR_COLUMNS = [*CARRIED, "error"]
+# Outputs add what loading found: the DICOM UIDs, view position, modality, manufacturer and
+# the view check (empty strings where an image has none).
+PREDICTION_COLUMNS = [*CARRIED, *LOADED_COLUMNS, "score", "prediction", "threshold"]
+ERROR_COLUMNS = [*CARRIED, *LOADED_COLUMNS, "error"]
 INDEX_PART_ROWS = 256  # rows per snapshot part: a part is a block, and blocks decode in parallel
 STATE_PART_ROWS = 50_000
 RESULT_PART_ROWS = 20_000  # rows per predictions/errors part the driver writes
@@ -58,6 +61,10 @@ class ScoreConfig:
                                            "chosen on validation by `covidray evaluate`; "
                                            "else the model's training default)")
     batch_size: int = option(32, "images per inference batch")
+    views: str = option("frontal", "frontal: a lateral view (DICOM ViewPosition LL/RL/LATERAL) "
+                                   "goes to errors, 'lateral view skipped'; all: score every "
+                                   "view (the view_check column says which are not frontal)",
+                        choices=VIEW_POLICIES)
     actors: int | None = option(None, "onnxruntime actors, exactly (default: sized from the "
                                       "cluster, 1 up to one per 2 CPUs)")
     allow_local_paths: bool = option(False, "let a manifest held in object storage name local "
@@ -153,9 +160,11 @@ def staged_index(storage: Storage, staging: str, name: str = "index"):
     return parquet_parts(storage, [f"{staging}/{name}"])
 
 
-def loaded_images(index, storage: Storage, batch_size: int, data_cpus: float):
+def loaded_images(index, storage: Storage, batch_size: int, data_cpus: float,
+                  views: str = "frontal"):
     """Index rows -> rows with pixels and error: the scoring pipeline before the model."""
-    return index.map_batches(load_pixels, fn_kwargs={"storage": storage}, batch_format="numpy",
+    return index.map_batches(load_pixels, fn_kwargs={"storage": storage, "views": views},
+                             batch_format="numpy",
                              batch_size=batch_size, num_cpus=data_cpus)
 
 
@@ -274,18 +283,18 @@ class Run:
         import ray.data
 
         plan = self.connect()
-        results = (loaded_images(index, self.storage, self.config.batch_size, plan.decode_cpus)
+        results = (loaded_images(index, self.storage, self.config.batch_size, plan.decode_cpus,
+                                 self.config.views)
                    .map_batches(OnnxScorer,
                                 fn_constructor_kwargs={"model": self.model_bytes,
                                                        "name": self.config.model,
                                                        "threshold": self.threshold,
                                                        "threads": plan.inference_threads,
-                                                       "keep": tuple(CARRIED)},
+                                                       "keep": (*CARRIED, *LOADED_COLUMNS)},
                                 batch_format="numpy", batch_size=self.config.batch_size,
                                 # Not the decode tasks' reservation: Ray Data would fuse
                                 # them into the actor, and decoding would wait on inference.
                                 num_cpus=plan.inference_actor_cpus,
-                                scheduling_strategy="SPREAD",  # over the nodes there are
                                 compute=ray.data.ActorPoolStrategy(
                                     min_size=self.config.actors or 1,
                                     max_size=self.config.actors or plan.scoring_actors)))

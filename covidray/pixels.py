@@ -1,0 +1,51 @@
+"""Pixel-level pieces shared by the image decoders (:mod:`covidray.images` for PNG, JPEG,
+TIFF, BMP; :mod:`covidray.dicom`): the decode error, the memory bounds checked from a
+header, and the min-max window for high-bit-depth data."""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+# Memory per image is bounded whatever a file claims: hospital detectors give at most
+# ~4300x3500 (15 MP); decoding is refused above these, before any pixel is read.
+MAX_PIXELS = 40_000_000
+MAX_ASPECT_RATIO = 6
+
+
+class DecodeError(ValueError):
+    """The bytes are not a usable image; the message is the reason recorded for it."""
+
+
+def check_dimensions(width: int, height: int) -> None:
+    """Refuse, from the header alone, an image whose decoding would take unbounded memory."""
+    if width * height > MAX_PIXELS:
+        raise DecodeError(f"image too large: {width}x{height} pixels, more than the "
+                          f"{MAX_PIXELS // 1_000_000} MP covidray decodes")
+    if max(width, height) > MAX_ASPECT_RATIO * max(1, min(width, height)):
+        raise DecodeError(f"not a chest X-ray: {width}x{height} pixels (aspect ratio above "
+                          f"{MAX_ASPECT_RATIO}:1)")
+
+
+def min_max_to_8bit(values: np.ndarray) -> Image.Image:
+    """The window for high-bit-depth data without one of its own (16-bit PNGs, DICOM
+    without VOI tags): the image's own min..max onto 0..255. Integer data in exact
+    integer arithmetic, round((v - lo) * 255 / (hi - lo)) with halves up (4 bytes a pixel
+    for 16-bit data, no float64 copy); float data in float32."""
+    height, width = values.shape
+    if not np.issubdtype(values.dtype, np.integer):
+        values = values.astype(np.float32, copy=False)
+        lo, hi = float(values.min()), float(values.max())
+        if hi == lo:
+            return Image.new("L", (width, height), 0)
+        return Image.fromarray(np.round((values - lo) * np.float32(255.0 / (hi - lo)))
+                               .astype(np.uint8))
+    lo, hi = int(values.min()), int(values.max())
+    if hi == lo:
+        return Image.new("L", (width, height), 0)
+    work = values.astype(np.int32 if values.itemsize <= 2 else np.int64)
+    work -= lo
+    work *= 510
+    work += hi - lo
+    work //= 2 * (hi - lo)
+    return Image.fromarray(work.astype(np.uint8))
