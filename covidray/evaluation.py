@@ -82,7 +82,8 @@ def with_columns(predictions: pd.DataFrame, index: pd.DataFrame, columns) -> pd.
                                         on="uri", how="left")
     present = [c for c in columns if c in predictions.columns]
     predictions = predictions.copy()
-    predictions[present] = predictions[present].astype(object).fillna("unknown").astype(str)
+    predictions[present] = (predictions[present].astype(object).fillna("unknown").astype(str)
+                            .replace("", "unknown"))
     return predictions
 
 
@@ -135,7 +136,9 @@ def breakdown(test: pd.DataFrame, column: str, threshold: float) -> list[dict]:
                      "non_covid": int((part["target"] == 0).sum()),
                      "roc_auc": roc_auc(part["score"], part["target"]) if both else None,
                      "sensitivity": _nan_none(at.sensitivity),
+                     "sensitivity_ci95": wilson_interval(at.tp, at.tp + at.fn),
                      "specificity": _nan_none(at.specificity),
+                     "specificity_ci95": wilson_interval(at.tn, at.tn + at.fp),
                      "mean_score": float(part["score"].mean())})
     return rows
 

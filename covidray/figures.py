@@ -110,3 +110,74 @@ def histograms_by_png(frame, column: str) -> bytes:
         axes.legend(fontsize=7)
     axes_list[-1, 0].set_xlabel("predicted COVID probability")
     return _png(figure)
+
+
+def forest_png(breakdown: dict, threshold: float) -> bytes:
+    """Sensitivity and specificity (95% Wilson intervals) per subgroup at the operating
+    point: one row per subgroup, grouped by column (source, view, manufacturer, ...)."""
+    rows = [(column, row) for column, entries in breakdown.items() for row in entries]
+    figure, panes = plt.subplots(1, 2, figsize=(10, 0.32 * len(rows) + 1.4), sharey=True)
+    labels = [f"{column}: {row[column]} (n={row['images']})" for column, row in rows]
+    positions = np.arange(len(rows))[::-1]
+    for axes, measure, colour in ((panes[0], "sensitivity", "tab:red"),
+                                  (panes[1], "specificity", "tab:blue")):
+        for y, (_, row) in zip(positions, rows):
+            value, interval = row.get(measure), row.get(f"{measure}_ci95")
+            if value is None:
+                axes.text(0.5, y, "n/a", ha="center", va="center", fontsize=7, color="grey")
+                continue
+            lo, hi = interval
+            axes.errorbar(value, y, xerr=[[value - lo], [hi - value]], fmt="o", color=colour,
+                          ecolor=colour, capsize=2, markersize=4)
+        axes.set_xlim(-0.02, 1.02)
+        axes.set_title(f"{measure} at threshold {threshold:.3g}", fontsize=10)
+        axes.grid(axis="x", alpha=0.3)
+    panes[0].set_yticks(positions, labels, fontsize=7)
+    return _png(figure)
+
+
+def saliency_png(pixels: np.ndarray, maps: np.ndarray, captions: list[str], title: str) -> bytes:
+    """X-rays (grey) with their Grad-CAM maps (jet, transparent where cold), side by side."""
+    count = max(1, len(pixels))
+    figure, panes = plt.subplots(1, count, figsize=(2.6 * count, 3.0), squeeze=False)
+    for axes in panes[0]:
+        axes.axis("off")
+    for axes, image, heat, caption in zip(panes[0], pixels, maps, captions):
+        axes.imshow(image, cmap="gray", vmin=0, vmax=255)
+        axes.imshow(np.ma.masked_less(heat, 0.15), cmap="jet", alpha=0.45, vmin=0, vmax=1)
+        axes.set_title(caption, fontsize=7)
+    if not len(pixels):
+        panes[0][0].text(0.5, 0.5, "none in this split", ha="center", va="center")
+    figure.suptitle(title, fontsize=10)
+    return _png(figure)
+
+
+def audit_png(audit: dict) -> bytes:
+    """The shortcut audit at a glance: source vs label-within-source AUCs, and the border test."""
+    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 3.4))
+    predictability = audit["predictability"]
+    names, values, colours = [], [], []
+    for name, value in predictability["source"]["per_source"].items():
+        names.append(f"source: {name}"[:40])
+        values.append(value)
+        colours.append("tab:orange")
+    for row in predictability["label_within_source"]:
+        if row["label_auc"] is not None:
+            names.append(f"label within {row['source']}"[:40])
+            values.append(row["label_auc"])
+            colours.append("tab:green")
+    left.barh(np.arange(len(values))[::-1], values, color=colours)
+    left.set_yticks(np.arange(len(values))[::-1], names, fontsize=7)
+    left.axvline(0.5, color="grey", lw=0.8, ls="--")
+    left.set_xlim(0, 1)
+    left.set_title("cross-validated AUC from penultimate features", fontsize=9)
+    border = audit["border"]
+    bars = [("original", border["original_auc"]),
+            ("lungs only", border["variants"]["lungs"]["auc"]),
+            ("border only", border["variants"]["border"]["auc"])]
+    right.bar([b[0] for b in bars], [b[1] or 0 for b in bars],
+              color=["tab:grey", "tab:green", "tab:purple"])
+    right.axhline(0.5, color="grey", lw=0.8, ls="--")
+    right.set_ylim(0, 1)
+    right.set_title("test AUC with parts of the image blanked", fontsize=9)
+    return _png(figure)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import html
 
+import numpy as np
 import pandas as pd
 
 from covidray import figures
@@ -20,8 +21,10 @@ PAPER_TABLE_1 = {"0.10": (1.000, 0.725), "0.15": (0.976, 0.899), "0.20": (0.943,
                  "0.25": (0.900, 0.956)}
 
 
-def write_report(storage: Storage, layout: EvalLayout, result: dict, test: pd.DataFrame) -> None:
-    """Write report.json, summary.md, report.html and the PNGs under ``layout.report``."""
+def write_report(storage: Storage, layout: EvalLayout, result: dict, test: pd.DataFrame,
+                 extra_pngs: dict[str, bytes] | None = None) -> None:
+    """Write report.json, summary.md, report.html and the PNGs under ``layout.report``
+    (``extra_pngs``: the subgroup forest plot, saliency and audit figures)."""
     scores, targets = test["score"].to_numpy(float), test["target"].to_numpy()
     operating = result["operating_point"]
     pngs = {
@@ -44,6 +47,7 @@ def write_report(storage: Storage, layout: EvalLayout, result: dict, test: pd.Da
         pngs[f"confusion_{name}_rates.png"] = figures.confusion_rates_png(
             entry["matrix_rates"], t, f"{'Operating point' if key == 'operating' else 'Threshold'} "
                                       f"{t:.3g}: rates")
+    pngs.update(extra_pngs or {})
     for name, data in pngs.items():
         storage.write_bytes(layout.report_file(name), data, "image/png")
     storage.write_json(layout.report_file("report.json"), result)
@@ -98,6 +102,20 @@ def summary_markdown(result: dict) -> str:
             lines.append(f"| {row[column]} | {row['images']} | {row['covid']} | {row['non_covid']} "
                          f"| {auc} | {_pct(row['sensitivity'])} | {_pct(row['specificity'])} "
                          f"| {row['mean_score']:.3g} |")
+        lines.append("")
+    if "audit" in result:
+        lines += ["## Shortcut audit", "", result["audit"]["reading"], ""]
+    if result.get("saliency"):
+        lines += ["## Saliency", "",
+                  "Grad-CAM on the last convolutional block for the most confident true "
+                  "positives, false positives and false negatives of each split. Share of each "
+                  "map inside the central lung region (1.0 = all of it):", ""]
+        for split, kinds in result["saliency"].items():
+            for kind, entry in kinds.items():
+                shares = [s for s in entry["central_share"] if s is not None]
+                mean = f"{np.mean(shares):.2f}" if shares else "n/a"
+                lines.append(f"- {split} {kind.replace('_', ' ')}s: {len(entry['images'])} "
+                             f"images, mean central share {mean}")
         lines.append("")
     lines.append("Positive means score >= threshold. Sensitivity/specificity at the operating "
                  "point use the threshold chosen on validation only.")

@@ -138,6 +138,36 @@ def test_evaluate_run_writes_a_report_that_matches_its_predictions(storage, eval
     assert storage.read_json(layout.config)["bootstrap"] == 100
 
 
+def test_the_report_shows_subgroups_saliency_and_the_shortcut_audit(storage, evaluated):
+    layout = evaluated["layout"]
+    report = storage.read_json(layout.report_file("report.json"))
+    for row in report["breakdown"]["source"]:
+        if row["sensitivity"] is not None:  # the forest plot's intervals hold their point
+            low, high = row["sensitivity_ci95"]
+            assert low <= row["sensitivity"] <= high
+    names = ["forest.png", "audit.png",
+             *(f"saliency_{split}_{kind}.png" for split in ("val", "test")
+               for kind in ("true_positive", "false_positive", "false_negative"))]
+    for name in names:
+        assert storage.read_bytes(layout.report_file(name)).startswith(b"\x89PNG"), name
+    page = storage.read_bytes(layout.report_file("report.html")).decode()
+    assert all(f">{name}<" in page for name in names)
+    test = labelled(storage.read_parquet_dir(ScoreLayout(layout.scores("test")).predictions))
+    sampled = report["saliency"]["test"]
+    threshold = report["operating_point"]["threshold"]
+    expected_tp = test[(test["target"] == 1) & (test["score"] >= threshold)]
+    assert len(sampled["true_positive"]["images"]) == min(4, len(expected_tp))
+    assert sampled["true_positive"]["scores"] == sorted(sampled["true_positive"]["scores"],
+                                                        reverse=True)
+    audit = report["audit"]
+    # The synthetic sources are the labels ('synthetic-covid' / '-non_covid'): no source holds
+    # both classes, and the reading says that the label cannot be separated from the source.
+    assert audit["predictability"]["label_within_source"] == []
+    assert "cannot be separated" in audit["reading"]
+    assert audit["border"]["original_auc"] == pytest.approx(report["roc_auc"], abs=1e-4)
+    assert "## Shortcut audit" in storage.read_bytes(layout.report_file("summary.md")).decode()
+
+
 def test_the_model_card_carries_the_validated_threshold_to_scoring(storage, evaluated, prefix):
     run = RunLayout(evaluated["run"])
     card = storage.read_json(run.model_card)

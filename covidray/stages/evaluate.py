@@ -7,13 +7,21 @@ The operating threshold is chosen on validation (the highest threshold reaching
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
-from covidray.config import option, to_dict
-from covidray.datasets import split_rows
+import numpy as np
+import pandas as pd
+
+from covidray import audit, figures
+from covidray.config import DEFAULT_SEED, option, to_dict
+from covidray.datasets import load_pixels, split_rows
 from covidray.evaluation import evaluate_split, labelled, with_columns
+from covidray.images import normalize
 from covidray.layout import EvalLayout, RunLayout, ScoreLayout
+from covidray.model import load_checkpoint, model_from_checkpoint
 from covidray.model_card import build_model_card
+from covidray.onnx_model import onnx_session, read_metadata
 from covidray.report import write_report
 from covidray.stages.score import ScoreConfig, score_archive
 from covidray.storage import Storage
@@ -28,9 +36,12 @@ class EvaluateConfig:
     target_sensitivity: float = option(0.95, "choose the operating threshold on validation as "
                                              "the highest one reaching this sensitivity")
     bootstrap: int = option(1000, "bootstrap replicates (patients resampled) for AUC intervals")
-    breakdown: str = option("source,view,sex,age_group",
-                            "comma-separated manifest columns to break results down by (those "
-                            "present are used)")
+    breakdown: str = option("source,view,view_position,manufacturer,sex,age_group",
+                            "comma-separated columns (manifest or DICOM) to break results down "
+                            "by; those with a known value are used")
+    saliency: int = option(4, "Grad-CAM overlays per kind (true positive, false positive, false "
+                              "negative) and split; 0: none")
+    audit: bool = option(True, "run the shortcut audit (source predictability, border test)")
 
     @property
     def breakdown_columns(self) -> tuple[str, ...]:
@@ -54,15 +65,82 @@ def evaluate_run(config: EvaluateConfig, storage: Storage, ray_address: str | No
                       ray_address)
         predictions = storage.read_parquet_dir(ScoreLayout(scores).predictions)
         tables[split] = labelled(with_columns(predictions, splits, config.breakdown_columns))
-    columns = [c for c in config.breakdown_columns if c in tables["test"].columns]
-    result = evaluate_split(tables["val"], tables["test"], config.target_sensitivity, columns,
+    test = tables["test"]
+    columns = [c for c in config.breakdown_columns
+               if c in test.columns and (test[c] != "unknown").any()]
+    result = evaluate_split(tables["val"], test, config.target_sensitivity, columns,
                             config.bootstrap)
     metadata = storage.read_json(run.export_report)["metadata"]
     result.update(run=config.run, weights=metadata["weights"], eval_dir=layout.root,
                   config=to_dict(config))
-    write_report(storage, layout, result, tables["test"])
+    pngs = {"forest.png": figures.forest_png(result["breakdown"],
+                                             result["operating_point"]["threshold"])}
+    if config.saliency or config.audit:
+        pngs.update(inspect_model(config, storage, run, tables, result))
+    write_report(storage, layout, result, test, pngs)
     storage.write_json(run.model_card, build_model_card(run.onnx, metadata, splits, result))
     return {**headline(result, layout), "model_card": run.model_card}
+
+
+def inspect_model(config: EvaluateConfig, storage: Storage, run: RunLayout, tables: dict,
+                  result: dict) -> dict[str, bytes]:
+    """Saliency for each split and the shortcut audit; adds ``saliency`` and ``audit`` to
+    ``result`` and returns their figures. Runs on the driver: a few hundred held-out images."""
+    model = model_from_checkpoint(load_checkpoint(storage, run.model_checkpoint))
+    threshold = result["operating_point"]["threshold"]
+    pngs, result["saliency"] = {}, {}
+    for split, frame in tables.items():
+        if not config.saliency:
+            break
+        sample = audit.saliency_sample(frame, threshold, config.saliency, DEFAULT_SEED)
+        result["saliency"][split] = {}
+        for kind, rows in sample.items():
+            pixels = pixels_of(storage, rows["uri"].tolist())
+            maps = audit.grad_cam(model, pixels)
+            share = audit.central_share(maps)
+            captions = [f"{kind.replace('_', ' ')} {s:.2f}\n{src}"[:48]
+                        for s, src in zip(rows["score"], rows["source"])]
+            pngs[f"saliency_{split}_{kind}.png"] = figures.saliency_png(
+                pixels, maps, captions, f"{split}: {kind.replace('_', ' ')}s (Grad-CAM, layer4)")
+            result["saliency"][split][kind] = {
+                "images": rows["uri"].tolist(), "scores": rows["score"].astype(float).tolist(),
+                "central_share": [None if np.isnan(v) else float(v) for v in share]}
+    if config.audit:
+        held_out = pd.concat([tables["val"], tables["test"]], ignore_index=True)
+        pixels = pixels_of(storage, held_out["uri"].tolist())
+        features = audit.penultimate_features(model, pixels)
+        predictability = audit.source_and_label_predictability(features, held_out, DEFAULT_SEED)
+        test_rows = np.arange(len(tables["val"]), len(held_out))
+        model_bytes = storage.read_bytes(run.onnx)
+        border = audit.border_test(onnx_scores(model_bytes), pixels[test_rows],
+                                   held_out["target"].to_numpy()[test_rows], threshold)
+        result["audit"] = {"images": int(len(held_out)), "splits": ["val", "test"],
+                           "predictability": predictability, "border": border,
+                           "lung_box": list(audit.LUNG_BOX)}
+        result["audit"]["reading"] = audit.plain_reading(result["audit"])
+        pngs["audit.png"] = figures.audit_png(result["audit"])
+    return pngs
+
+
+def pixels_of(storage: Storage, uris: list[str], batch: int = 64) -> np.ndarray:
+    """The recipe's ``uint8[N, 224, 224]`` for each image, loaded as scoring loads them."""
+    parts = [load_pixels({"uri": np.asarray(uris[i:i + batch], dtype=object)}, storage,
+                         views="all")["pixels"] for i in range(0, len(uris), batch)]
+    return np.concatenate(parts) if parts else np.zeros((0, 224, 224), np.uint8)
+
+
+def onnx_scores(model_bytes: bytes, batch: int = 64):
+    """``pixels -> COVID probabilities`` with the exported model (what scoring runs)."""
+    session = onnx_session(model_bytes)
+    metadata = read_metadata(session)
+    positive = json.loads(metadata["class_names"]).index(metadata["positive_class"])
+
+    def score(pixels: np.ndarray) -> np.ndarray:
+        out = [session.run(["probabilities"], {"input": normalize(pixels[i:i + batch])})[0]
+               for i in range(0, len(pixels), batch)]
+        return np.concatenate(out)[:, positive] if out else np.zeros(0)
+
+    return score
 
 
 def headline(result: dict, layout: EvalLayout) -> dict:
