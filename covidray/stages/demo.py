@@ -17,6 +17,7 @@ import pandas as pd
 from covidray.config import option, to_dict
 from covidray.datasets import split_rows
 from covidray.layout import DataLayout, DemoLayout, RunLayout, ScoreLayout
+from covidray.stages.evaluate import EvaluateConfig, evaluate_run
 from covidray.stages.export import ExportConfig, export_run
 from covidray.stages.score import ScoreConfig, score_archive
 from covidray.stages.train import TrainConfig, fit
@@ -75,25 +76,29 @@ def run_demo(config: DemoConfig, storage: Storage, ray_address: str | None = Non
     storage.check(config.workdir, writable=True)
     storage.write_json(layout.config, to_dict(config))
     seed = config.train.seed
-    print(f"[1/4] staging data ({config.data}) at {layout.data}")
+    print(f"[1/5] staging data ({config.data}) at {layout.data}")
     if config.data == SYNTHETIC:
         manifest = stage_synthetic(storage, layout.data, config.images, seed)
     else:
         manifest = upload_dataset(UploadConfig(config.data, layout.data, config.images, seed),
                                   storage)["manifest"]
     train = dataclasses.replace(config.train, data=manifest, run=layout.run)
-    print(f"[2/4] training ({train.epochs} epochs, weights={train.weights}) -> {layout.run}")
+    print(f"[2/5] training ({train.epochs} epochs, weights={train.weights}) -> {layout.run}")
     trained = fit(train, storage, ray_address)
-    print(f"[3/4] exporting ONNX -> {RunLayout(layout.run).onnx}")
+    print(f"[3/5] exporting ONNX -> {RunLayout(layout.run).onnx}")
     exported = export_run(ExportConfig(run=layout.run), storage)
+    print(f"[4/5] evaluating (threshold chosen on val, report, model card) -> "
+          f"{RunLayout(layout.run).eval_dir}")
+    evaluated = evaluate_run(EvaluateConfig(run=layout.run), storage, ray_address)
     archive = stage_test_archive(storage, layout)
-    print(f"[4/4] scoring {archive} -> {layout.scores}")
+    print(f"[5/5] scoring {archive} with the model card's threshold -> {layout.scores}")
     scored = score_archive(ScoreConfig(archive=archive, model=RunLayout(layout.run).onnx,
                                        output=layout.scores), storage, ray_address)
     summary = {"seconds": round(time.time() - started, 1), "weights": trained["weights"],
                "epochs": trained["epochs"], "final_epoch": trained["final"],
                "onnx_parity_max_abs_diff": exported["max_abs_diff_probabilities"],
-               "scoring": scored, "artifacts": artifacts(storage, layout)}
+               "scoring": scored, "evaluation": evaluated,
+               "artifacts": artifacts(storage, layout)}
     print(summary_table(summary))
     return summary
 
@@ -129,6 +134,13 @@ def summary_table(summary: dict) -> str:
     for name, value in summary["artifacts"].items():
         for item in (value if isinstance(value, list) else [value]):
             lines.append(f"  {name:<15} {item}")
+    evaluation = summary["evaluation"]
+    lines += ["", f"evaluation     test ROC AUC {evaluation['roc_auc']:.3f}; threshold "
+                  f"{evaluation['operating_threshold']:.3g} chosen on val: test sensitivity "
+                  f"{_pct(evaluation['test_sensitivity'])}, specificity "
+                  f"{_pct(evaluation['test_specificity'])}",
+              f"report         {evaluation['report']}",
+              f"model card     {evaluation['model_card']}"]
     lines.append(f"\ntotal {summary['seconds']} s")
     return "\n".join(lines)
 
