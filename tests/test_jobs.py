@@ -141,24 +141,64 @@ def _listening_sockets(root_pid: int) -> list[tuple[str, int, str]]:
                 raw = bytes.fromhex(hex_ip)
                 if len(raw) == 4:
                     address = ipaddress.IPv4Address(raw[::-1])
-                else:  # four little-endian 32-bit words
+                else:  # four little-endian 32-bit words; ::ffff:a.b.c.d is IPv4 a.b.c.d
                     address = ipaddress.IPv6Address(b"".join(raw[i:i + 4][::-1]
                                                              for i in range(0, 16, 4)))
+                    address = address.ipv4_mapped or address
                 found.append((str(address), int(hex_port, 16), owner[inode]))
     return found
 
 
-def test_every_port_of_the_local_head_is_loopback_or_asks_for_the_token(ray_cluster, s3_env,
-                                                                        ray_head_directory):
-    """Ray's gRPC servers listen on every interface whatever --node-ip-address says, so the
-    local head runs with token authentication: each port is loopback-only, refuses a caller
-    without the token, or (Prometheus metrics, read-only) holds no secret."""
-    import ipaddress
-    import os
-    import subprocess
-    import sys
+# One real method of each Ray gRPC service: a server that checks tokens answers UNAUTHENTICATED
+# to the one it serves (and UNIMPLEMENTED to the others).
+GRPC_PROBES = ("/ray.rpc.NodeInfoGcsService/GetClusterId", "/ray.rpc.NodeManagerService/GetNodeStats",
+               "/ray.rpc.ObjectManagerService/Pull", "/ray.rpc.CoreWorkerService/NumPendingTasks",
+               "/ray.rpc.ReporterService/HealthCheck", "/ray.rpc.RayletDriver/ClusterInfo")
+
+
+def _refuses_without_token(host: str, port: int, secrets: list[str]) -> str:
+    """How a port answers a caller without the token: 'http 401', 'grpc unauthenticated',
+    or 'metrics' (a read-only Prometheus page, checked to hold no secret)."""
+    import http.client
     import urllib.error
     import urllib.request
+
+    import grpc
+
+    try:
+        with urllib.request.urlopen(f"http://{host}:{port}/", timeout=10) as response:
+            body = response.read().decode(errors="replace")
+        assert body.startswith("# HELP"), (port, body[:200])  # metrics, nothing else
+        assert not any(secret in body for secret in secrets), port
+        return "metrics"
+    except urllib.error.HTTPError as refused:
+        assert refused.code == 401, (port, refused.code)
+        return "http 401"
+    except (http.client.HTTPException, ConnectionError):
+        pass  # not HTTP/1: gRPC
+    channel = grpc.insecure_channel(f"{host}:{port}")
+    codes = []
+    for method in GRPC_PROBES:
+        try:
+            channel.unary_unary(method)(b"", timeout=10)
+            codes.append(grpc.StatusCode.OK)
+        except grpc.RpcError as error:
+            codes.append(error.code())
+    channel.close()
+    if set(codes) == {grpc.StatusCode.UNAVAILABLE}:
+        return "unreachable"  # closed under us (a worker that exited): checked by the caller
+    assert grpc.StatusCode.OK not in codes, (port, codes)
+    assert grpc.StatusCode.UNAUTHENTICATED in codes, (port, codes)
+    return "grpc unauthenticated"
+
+
+def test_every_port_of_the_local_head_is_loopback_or_asks_for_the_token(ray_cluster, s3_env,
+                                                                        ray_head_directory):
+    """Ray's servers listen on the node's address whatever --node-ip-address says, so the local
+    head runs with token authentication: every port its processes (and the jobs' workers) hold
+    is loopback-only, or refuses a caller without the token, or is a read-only metrics page."""
+    import ipaddress
+    import os
 
     import pidfile
 
@@ -167,23 +207,14 @@ def test_every_port_of_the_local_head_is_loopback_or_asks_for_the_token(ray_clus
     assert any(name == "gcs_server" for _, _, name in exposed), sockets  # the probe sees them
     with open(os.environ["RAY_AUTH_TOKEN_PATH"]) as fh:
         secrets = [s3_env["AWS_SECRET_ACCESS_KEY"], fh.read().strip()]
+    answers = {}
     for address, port, name in exposed:
-        if name in ("gcs_server", "raylet"):
-            continue  # gRPC: the GCS probe below shows the token is asked for
-        host = "127.0.0.1" if ipaddress.ip_address(address).is_unspecified else address
-        try:  # HTTP without the token
-            with urllib.request.urlopen(f"http://{host}:{port}/", timeout=10) as response:
-                body = response.read().decode(errors="replace")
-        except urllib.error.HTTPError as refused:
-            assert refused.code == 401, (port, name, refused.code)
-            continue
-        assert body.startswith("# HELP"), (port, name, body[:200])  # metrics only
-        assert not any(secret in body for secret in secrets), (port, name)
-
-    gcs = next(p for _, p, name in exposed if name == "gcs_server")
-    probe = subprocess.run(
-        [sys.executable, "-c", f"import ray; ray.init(address='127.0.0.1:{gcs}')"],
-        env={**os.environ, "RAY_AUTH_TOKEN": "not-the-token"}, capture_output=True, text=True,
-        timeout=120)
-    assert probe.returncode != 0
-    assert "Authentication token is missing or incorrect" in probe.stderr, probe.stderr[-2000:]
+        ip = ipaddress.ip_address(address)
+        host = "127.0.0.1" if ip.is_unspecified else f"[{ip}]" if ip.version == 6 else str(ip)
+        answers[(port, name)] = _refuses_without_token(host, port, secrets)
+    still = {(p, name) for _, p, name in _listening_sockets(
+        pidfile.running_pid(os.path.join(ray_head_directory, "ray.pid")))}
+    for key, answer in answers.items():
+        assert answer != "unreachable" or key not in still, (key, answer)  # gone, not open
+    assert answers[next(k for k in answers if k[1] == "gcs_server")] == "grpc unauthenticated"
+    assert list(answers.values()).count("metrics") <= 3, answers

@@ -8,12 +8,12 @@
 SIGTERM, which ends the processes that node started and nothing else (no ``ray stop``,
 which would end every Ray process on the machine). Idempotent.
 
-Authentication: Ray's GCS and raylet gRPC servers listen on every interface whatever
-``--node-ip-address`` says (Ray 2.60), so the local head runs with ``RAY_AUTH_MODE=token``:
-every RPC and HTTP entry point (GCS, raylet, dashboard, job API) asks for the token in
+Authentication: Ray's servers (GCS, raylets, workers, Ray client, agents) listen on the
+machine's address whatever ``--node-ip-address`` says (Ray 2.60), so the local head runs
+with ``RAY_AUTH_MODE=token``: every RPC and HTTP entry point asks for the token in
 ``<dir>/auth_token`` (0600, generated on the first start). Clients need the same two
 variables, which :func:`token_env` returns and ``.local/env.sh`` exports. The dashboard
-and the Ray client server listen on 127.0.0.1 only.
+listens on 127.0.0.1 only.
 """
 
 from __future__ import annotations
