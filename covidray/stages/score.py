@@ -194,6 +194,11 @@ def score_archive(config: ScoreConfig, storage: Storage, ray_address: str | None
     print(f"threshold {threshold:.4g} from {threshold_source}", flush=True)
     run_id = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
     base = ScoreLayout(output)
+    # Join the cluster before any Ray Data call: Ray Data would otherwise start Ray itself
+    # with address "auto", which finds whatever cluster this machine last ran (dead or not).
+    from covidray.cluster import connect_ray
+
+    connect_ray(ray_address)
     with Lease(storage, base.lease, config.lease_seconds, f"covidray score {run_id}") as lease:
         run = Run(config, storage, ray_address, run_id, threshold, model_bytes, lease)
         summary = run.incremental() if config.incremental else run.whole()
