@@ -136,15 +136,28 @@ def forest_png(breakdown: dict, threshold: float) -> bytes:
     return _png(figure)
 
 
-def saliency_png(pixels: np.ndarray, maps: np.ndarray, captions: list[str], title: str) -> bytes:
-    """X-rays (grey) with their Grad-CAM maps (jet, transparent where cold), side by side."""
+def saliency_png(pixels: np.ndarray, maps: np.ndarray, captions: list[str], title: str,
+                 show_images: bool = True, box: tuple[int, int, int, int] | None = None) -> bytes:
+    """X-rays (grey) with their Grad-CAM maps (jet, transparent where cold), side by side.
+    ``show_images=False``: the maps alone over the outline of the central lung region, a
+    figure that holds no pixel of any X-ray (one that can leave the hospital). ``box``:
+    (top, bottom, left, right) of the region outlined on the maps."""
+    from matplotlib.patches import Rectangle
+
     count = max(1, len(pixels))
     figure, panes = plt.subplots(1, count, figsize=(2.6 * count, 3.0), squeeze=False)
     for axes in panes[0]:
         axes.axis("off")
     for axes, image, heat, caption in zip(panes[0], pixels, maps, captions):
-        axes.imshow(image, cmap="gray", vmin=0, vmax=255)
-        axes.imshow(np.ma.masked_less(heat, 0.15), cmap="jet", alpha=0.45, vmin=0, vmax=1)
+        if show_images:
+            axes.imshow(image, cmap="gray", vmin=0, vmax=255)
+            axes.imshow(np.ma.masked_less(heat, 0.15), cmap="jet", alpha=0.45, vmin=0, vmax=1)
+        else:
+            axes.imshow(heat, cmap="jet", vmin=0, vmax=1)
+            if box is not None:
+                top, bottom, left, right = box
+                axes.add_patch(Rectangle((left, top), right - left, bottom - top, fill=False,
+                                         edgecolor="white", linestyle="--", linewidth=1))
         axes.set_title(caption, fontsize=7)
     if not len(pixels):
         panes[0][0].text(0.5, 0.5, "none in this split", ha="center", va="center")

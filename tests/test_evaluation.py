@@ -147,7 +147,8 @@ def test_the_report_shows_subgroups_saliency_and_the_shortcut_audit(storage, eva
             assert low <= row["sensitivity"] <= high
     names = ["forest.png", "audit.png",
              *(f"saliency_{split}_{kind}.png" for split in ("val", "test")
-               for kind in ("true_positive", "false_positive", "false_negative"))]
+               for kind in ("true_positive", "false_positive", "false_negative")),
+             "saliency_test_true_positive_maps.png"]  # the maps alone, no X-ray pixels
     for name in names:
         assert storage.read_bytes(layout.report_file(name)).startswith(b"\x89PNG"), name
     page = storage.read_bytes(layout.report_file("report.html")).decode()

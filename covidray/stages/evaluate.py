@@ -100,8 +100,12 @@ def inspect_model(config: EvaluateConfig, storage: Storage, run: RunLayout, tabl
             share = audit.central_share(maps)
             captions = [f"{kind.replace('_', ' ')} {s:.2f}\n{src}"[:48]
                         for s, src in zip(rows["score"], rows["source"])]
-            pngs[f"saliency_{split}_{kind}.png"] = figures.saliency_png(
-                pixels, maps, captions, f"{split}: {kind.replace('_', ' ')}s (Grad-CAM, layer4)")
+            title = f"{split}: {kind.replace('_', ' ')}s (Grad-CAM, layer4)"
+            pngs[f"saliency_{split}_{kind}.png"] = figures.saliency_png(pixels, maps, captions,
+                                                                        title)
+            pngs[f"saliency_{split}_{kind}_maps.png"] = figures.saliency_png(
+                pixels, maps, captions, title + ", maps only", show_images=False,
+                box=audit.LUNG_BOX)
             result["saliency"][split][kind] = {
                 "images": rows["uri"].tolist(), "scores": rows["score"].astype(float).tolist(),
                 "central_share": [None if np.isnan(v) else float(v) for v in share]}
