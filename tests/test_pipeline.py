@@ -326,3 +326,89 @@ def test_an_archive_changed_while_the_run_is_under_way_is_scored_as_listed(
     assert (summary["listed"], summary["scored"], summary["failed"]) == (6, 6, 0)
     predictions = storage.read_parquet_dir(ScoreLayout(f"{prefix}/out").predictions)
     assert sorted(predictions["uri"]) == sorted(uris)
+
+
+def _png_stream(width: int, height: int, bit_depth: int, row: bytes) -> bytes:
+    """A PNG whose every row is ``row``, compressed row by row: a small file that claims a
+    large image, without ever holding that image here."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (struct.pack(">I", len(data)) + kind + data
+                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+
+    compressor, body = zlib.compressobj(9), []
+    for _ in range(height):
+        body.append(compressor.compress(b"\0" + row))
+    body.append(compressor.flush())
+    header = struct.pack(">IIBBBBB", width, height, bit_depth, 0, 0, 0, 0)  # grayscale
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", b"".join(body))
+            + chunk(b"IEND", b""))
+
+
+def _worker_peak_rss(stop, peaks: dict) -> None:
+    """Every 0.1 s: the RSS of each Ray worker process (``ray::...``) this test process
+    started (the local Ray instance's raylet is its child, the workers the raylet's)."""
+    import glob
+    import os
+
+    while not stop.wait(0.1):
+        pids, todo = set(), [os.getpid()]
+        while todo:
+            for children in glob.glob(f"/proc/{todo.pop()}/task/*/children"):
+                try:
+                    with open(children) as fh:
+                        found = [int(c) for c in fh.read().split()]
+                except OSError:
+                    continue
+                todo += [c for c in found if c not in pids]
+                pids.update(found)
+        for pid in pids:
+            statm = f"/proc/{pid}/statm"
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as fh:
+                    if not fh.read(5) == b"ray::":
+                        continue
+                with open(statm) as fh:
+                    rss = int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+            except OSError:
+                continue
+            peaks[pid] = max(peaks.get(pid, 0), rss)
+
+
+WORKER_MEMORY_CEILING = 1_500_000_000  # bytes per Ray worker, whatever the archive holds
+
+
+def test_large_and_hostile_images_score_under_a_memory_ceiling(storage, trained_run, prefix,
+                                                               ray_local):
+    """A 16 MP 16-bit hospital export and a 36 MP 8-bit image are scored; files whose headers
+    claim 144 MP or a 1x60000 strip are refused from the header. No Ray worker's memory goes
+    above the stated ceiling (before the limits, the strip alone took 3.4 GB)."""
+    import threading
+
+    gradient16 = (np.linspace(0, 4095, 4000).astype(">u2")).tobytes()
+    archive = f"{prefix}/archive"
+    files = {"export-16bit-4000x4000.png": _png_stream(4000, 4000, 16, gradient16),
+             "large-8bit-6000x6000.png": _png_stream(6000, 6000, 8, bytes(range(256)) * 23
+                                                     + bytes(112)),
+             "claims-144mp-16bit.png": _png_stream(12000, 12000, 16, bytes(24000)),
+             "strip-1x60000.png": _png_stream(60000, 1, 8, bytes(60000))}
+    for name, data in files.items():
+        assert len(data) < 2_000_000, (name, len(data))  # small files, large claims
+        storage.write_bytes(f"{archive}/{name}", data)
+    peaks, stop = {}, threading.Event()
+    sampler = threading.Thread(target=_worker_peak_rss, args=(stop, peaks), daemon=True)
+    sampler.start()
+    try:
+        summary = score_archive(ScoreConfig(archive, RunLayout(trained_run["run"]).onnx,
+                                            f"{prefix}/out", threshold=0.5, batch_size=4),
+                                storage)
+    finally:
+        stop.set()
+        sampler.join()
+    assert (summary["listed"], summary["scored"], summary["failed"]) == (4, 2, 2)
+    errors = storage.read_parquet_dir(ScoreLayout(f"{prefix}/out").errors).set_index("uri")
+    assert "image too large: 12000x12000" in errors.loc[f"{archive}/claims-144mp-16bit.png", "error"]
+    assert "aspect ratio" in errors.loc[f"{archive}/strip-1x60000.png", "error"]
+    assert peaks and max(peaks.values()) < WORKER_MEMORY_CEILING, sorted(peaks.values())[-3:]

@@ -39,7 +39,7 @@ PRESETS = {
     "paper": {},
     # The paper's 100 head epochs (seconds on cached features) at a higher learning rate,
     # so that even features of a randomly initialised backbone separate the classes.
-    "demo": {"epochs": 100, "lr": 1e-3, "weights": "auto", "covid_target": 0,
+    "demo": {"lr": 1e-3, "weights": "auto", "covid_target": 0,
              "augment": {"flip_vertical_probability": 0.0}},
 }
 IMAGE_BATCH = 32  # images per Ray Data decode / feature batch (not the training batch)
