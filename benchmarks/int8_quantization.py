@@ -3,13 +3,14 @@
     source .local/env.sh   # the local S3 server holding a run (infra/local/paper_protocol.sh)
     python benchmarks/int8_quantization.py --run s3://covidray-cxr/runs/paper-random
 
-Quantizes the run's ``model.onnx`` statically (QDQ, int8 weights per channel, uint8
+Quantizes the run's float ``model.onnx`` as ``covidray export --quantize int8`` does
+(:func:`covidray.onnx_model.quantize_int8`: QDQ, int8 weights per channel, uint8
 activations) calibrated on ``--calibration`` validation images, then, in this process:
 
 * model-only speed, batch 32, every core: fp32 vs int8;
 * ROC AUC on the run's test split: fp32 vs int8, and the change.
 
-covidray keeps an ``export --quantize int8`` option only if int8 is >= 1.5x faster with
+covidray keeps the ``export --quantize int8`` option only if int8 is >= 1.5x faster with
 |delta AUC| <= 0.005 (README, "int8"): this script is how that was decided.
 """
 
@@ -18,7 +19,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 import time
 
 import numpy as np
@@ -29,35 +29,9 @@ from covidray.datasets import split_rows  # noqa: E402
 from covidray.images import normalize  # noqa: E402
 from covidray.layout import RunLayout  # noqa: E402
 from covidray.metrics import roc_auc  # noqa: E402
-from covidray.onnx_model import onnx_session  # noqa: E402
+from covidray.onnx_model import onnx_session, quantize_int8  # noqa: E402
 from covidray.stages.evaluate import onnx_scores, pixels_of  # noqa: E402
 from covidray.storage import Storage  # noqa: E402
-
-
-def quantize(model: bytes, calibration: np.ndarray) -> bytes:
-    from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType,
-                                          quantize_static)
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self.batches = iter([{"input": normalize(calibration[i:i + 16])}
-                                 for i in range(0, len(calibration), 16)])
-
-        def get_next(self):
-            return next(self.batches, None)
-
-    with tempfile.TemporaryDirectory() as tmp:
-        source, prepared, target = (os.path.join(tmp, n) for n in
-                                    ("fp32.onnx", "prepared.onnx", "int8.onnx"))
-        with open(source, "wb") as fh:
-            fh.write(model)
-        quant_pre_process(source, prepared)
-        quantize_static(prepared, target, Reader(), quant_format=QuantFormat.QDQ,
-                        per_channel=True, weight_type=QuantType.QInt8,
-                        activation_type=QuantType.QUInt8)
-        with open(target, "rb") as fh:
-            return fh.read()
 
 
 def model_only(model: bytes, batches: int = 12) -> float:
@@ -77,13 +51,13 @@ def main() -> None:
                         help="validation images to calibrate on")
     args = parser.parse_args()
     storage, run = Storage(), RunLayout(args.run)
-    fp32 = storage.read_bytes(run.onnx)
+    fp32 = storage.read_bytes(run.onnx_fp32 if storage.exists(run.onnx_fp32) else run.onnx)
     splits = storage.read_table(run.splits)
     val = split_rows(splits, "val").sample(frac=1.0, random_state=0).head(args.calibration)
     test = split_rows(splits, "test")
     test = test[test["label"].notna()].reset_index(drop=True)
     started = time.time()
-    int8 = quantize(fp32, pixels_of(storage, val["uri"].tolist()))
+    int8 = quantize_int8(fp32, normalize(pixels_of(storage, val["uri"].tolist())))
     print(f"quantized in {time.time() - started:.0f} s on {len(val)} validation images; "
           f"{len(fp32) / 2**20:.1f} MB -> {len(int8) / 2**20:.1f} MB")
     pixels = pixels_of(storage, test["uri"].tolist())

@@ -10,6 +10,7 @@ A **run directory** (``covidray train --run``)::
     <run>/train/features/<split>/  frozen-backbone features (Parquet), when only the head trains
     <run>/model/model.pt           final checkpoint {model, optimizer, epoch, config, ...}
     <run>/model/model.onnx         exported model, metadata inside
+    <run>/model/model-fp32.onnx    the float model, when model.onnx is the int8 one
     <run>/model/export.json        ONNX parity report, with the ExportConfig
     <run>/model/model_card.json    written by `covidray evaluate`: recipe, data, metrics and
                                    the operating threshold that `covidray score` uses
@@ -96,6 +97,11 @@ class RunLayout(_Layout):
     @property
     def onnx(self) -> str:
         return self._at("model", "model.onnx")
+
+    @property
+    def onnx_fp32(self) -> str:
+        """The float model, kept beside an int8 ``model.onnx`` (``export --quantize int8``)."""
+        return self._at("model", "model-fp32.onnx")
 
     @property
     def export_report(self) -> str:

@@ -412,3 +412,27 @@ def test_large_and_hostile_images_score_under_a_memory_ceiling(storage, trained_
     assert "image too large: 12000x12000" in errors.loc[f"{archive}/claims-144mp-16bit.png", "error"]
     assert "aspect ratio" in errors.loc[f"{archive}/strip-1x60000.png", "error"]
     assert peaks and max(peaks.values()) < WORKER_MEMORY_CEILING, sorted(peaks.values())[-3:]
+
+
+def test_export_int8_keeps_the_metadata_and_scores_like_the_float_model(storage, trained_run,
+                                                                        prefix, ray_local):
+    from covidray.stages.export import ExportConfig, export_run
+
+    run = f"{prefix}/run"
+    copy_prefix(storage, trained_run["run"], run)
+    report = export_run(ExportConfig(run=run, quantize="int8", calibration_images=8), storage)
+    layout = RunLayout(run)
+    int8, fp32 = storage.read_bytes(layout.onnx), storage.read_bytes(layout.onnx_fp32)
+    assert len(int8) < len(fp32) / 3  # int8 weights
+    metadata = read_metadata(onnx_session(int8))
+    assert metadata["quantization"].startswith("int8 static (QDQ), calibrated on 8")
+    assert metadata["preprocessing"] == read_metadata(onnx_session(fp32))["preprocessing"]
+    assert report["int8"]["max_abs_diff_probabilities_vs_fp32"] < 0.1
+    scores = {}
+    for name, model in (("int8", layout.onnx), ("fp32", layout.onnx_fp32)):
+        output = f"{prefix}/scores-{name}"
+        score_archive(ScoreConfig(trained_run["manifest"], model, output, threshold=0.5), storage)
+        scores[name] = storage.read_parquet_dir(ScoreLayout(output).predictions) \
+            .set_index("uri")["score"].sort_index()
+    assert len(scores["int8"]) == 32
+    assert (scores["int8"] - scores["fp32"]).abs().max() < 0.1
