@@ -86,6 +86,18 @@ def test_the_same_image_as_monochrome1_and_2_dicom_and_16_bit_png_is_the_same_mo
     assert not np.array_equal(inverted, as_png)  # the photometric tag is what made them equal
 
 
+def test_bits_above_bits_stored_are_ignored():
+    import pydicom
+
+    values = xray_values()
+    clean = make_dicom(values)  # BitsStored 12
+    dataset = pydicom.dcmread(io.BytesIO(clean))
+    dataset.PixelData = (values | 0xF000).astype(np.uint16).tobytes()  # overlay bits set
+    noisy = io.BytesIO()
+    dataset.save_as(noisy)
+    np.testing.assert_array_equal(preprocess(noisy.getvalue()), preprocess(clean))
+
+
 def test_window_centre_and_width_set_the_grey_scale():
     values = np.full((256, 256), 100, dtype=np.uint16)
     values[:, 128:] = 3000
