@@ -25,8 +25,8 @@ import numpy as np
 import pandas as pd
 
 from covidray.config import option, to_dict
-from covidray.datasets import (ARCHIVE_COLUMNS, LOADED_COLUMNS, is_manifest, iter_prefix_rows, load_pixels,
-                               manifest_to_index, normalise_index)
+from covidray.datasets import (ARCHIVE_COLUMNS, LOADED_COLUMNS, is_manifest, iter_prefix_rows,
+                               load_pixels, manifest_to_index, normalise_index)
 from covidray.images import IMAGE_SUFFIXES
 from covidray.incremental import (STATE_COLUMNS, UNKNOWN_ETAG, UNKNOWN_SIZE, frames_of,
                                   merged_state, not_yet_scored, rows)
@@ -276,7 +276,8 @@ class Run:
 
     # --- pieces -------------------------------------------------------------------------
     def connect(self):
-        from covidray.cluster import alive_nodes, connect_ray, plan_resources, require_object_storage
+        from covidray.cluster import (alive_nodes, connect_ray, plan_resources,
+                                      require_object_storage)
 
         ray = connect_ray(self.ray_address)
         require_object_storage(alive_nodes(ray), archive=self.config.archive,
