@@ -29,19 +29,10 @@ from covidray.datasets import split_rows  # noqa: E402
 from covidray.images import normalize  # noqa: E402
 from covidray.layout import RunLayout  # noqa: E402
 from covidray.metrics import roc_auc  # noqa: E402
-from covidray.onnx_model import onnx_session, quantize_int8  # noqa: E402
+from covidray.onnx_model import quantize_int8  # noqa: E402
 from covidray.stages.evaluate import onnx_scores, pixels_of  # noqa: E402
 from covidray.storage import Storage  # noqa: E402
-
-
-def model_only(model: bytes, batches: int = 12) -> float:
-    session = onnx_session(model)
-    x = np.random.default_rng(0).normal(size=(32, 3, 224, 224)).astype(np.float32)
-    session.run(None, {"input": x})
-    started = time.perf_counter()
-    for _ in range(batches):
-        session.run(None, {"input": x})
-    return 32 * batches / (time.perf_counter() - started)
+from scoring_throughput import model_only  # noqa: E402  (the same bound, measured the same way)
 
 
 def main() -> None:
@@ -65,7 +56,7 @@ def main() -> None:
     rows = {}
     for name, model in (("fp32", fp32), ("int8", int8)):
         scores = onnx_scores(model)(pixels)
-        rows[name] = {"speed": model_only(model), "auc": roc_auc(scores, targets)}
+        rows[name] = {"speed": model_only(model, 0), "auc": roc_auc(scores, targets)}
     speedup = rows["int8"]["speed"] / rows["fp32"]["speed"]
     delta = rows["int8"]["auc"] - rows["fp32"]["auc"]
     print(f"\n| model | images/s (batch 32, {os.cpu_count()} cores) | test ROC AUC ({len(test)} images) |")

@@ -34,6 +34,24 @@ BUCKET = "covidray-test"
 SHARED_CXR = os.path.join(REPO, "..", "shared", "data", "cxr")
 
 
+def process_tree(root: int) -> set[int]:
+    """``root`` and every process below it, read from /proc (ones that exit meanwhile are
+    skipped)."""
+    import glob
+
+    pids, todo = {root}, [root]
+    while todo:
+        for children in glob.glob(f"/proc/{todo.pop()}/task/*/children"):
+            try:
+                with open(children) as fh:
+                    found = {int(child) for child in fh.read().split()}
+            except OSError:
+                continue
+            todo += found - pids
+            pids |= found
+    return pids
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

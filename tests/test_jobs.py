@@ -8,7 +8,7 @@ import pytest
 import ray_head
 from covidray.layout import RunLayout, ScoreLayout
 
-from conftest import BUCKET, REPO, free_port
+from conftest import BUCKET, REPO, free_port, process_tree
 
 pytestmark = pytest.mark.cluster
 
@@ -112,15 +112,8 @@ def _listening_sockets(root_pid: int) -> list[tuple[str, int, str]]:
     import ipaddress
     import os
 
-    pids, todo = set(), [root_pid]
-    while todo:
-        pid = todo.pop()
-        pids.add(pid)
-        for children in glob.glob(f"/proc/{pid}/task/*/children"):
-            with open(children) as fh:
-                todo += [int(child) for child in fh.read().split()]
     owner = {}
-    for pid in pids:
+    for pid in process_tree(root_pid):
         for fd in glob.glob(f"/proc/{pid}/fd/*"):
             try:
                 target = os.readlink(fd)

@@ -23,7 +23,7 @@ from covidray.stages.train import TrainConfig, fit, image_stream, latest_checkpo
 from covidray.storage import StorageError
 from covidray.synthetic import encode, synthetic_xray
 
-from conftest import copy_prefix, upload_synthetic
+from conftest import copy_prefix, process_tree, upload_synthetic
 
 
 def test_training_writes_checkpoint_history_and_splits(storage, trained_run):
@@ -350,21 +350,10 @@ def _png_stream(width: int, height: int, bit_depth: int, row: bytes) -> bytes:
 def _worker_peak_rss(stop, peaks: dict) -> None:
     """Every 0.1 s: the RSS of each Ray worker process (``ray::...``) this test process
     started (the local Ray instance's raylet is its child, the workers the raylet's)."""
-    import glob
     import os
 
     while not stop.wait(0.1):
-        pids, todo = set(), [os.getpid()]
-        while todo:
-            for children in glob.glob(f"/proc/{todo.pop()}/task/*/children"):
-                try:
-                    with open(children) as fh:
-                        found = [int(c) for c in fh.read().split()]
-                except OSError:
-                    continue
-                todo += [c for c in found if c not in pids]
-                pids.update(found)
-        for pid in pids:
+        for pid in process_tree(os.getpid()) - {os.getpid()}:
             statm = f"/proc/{pid}/statm"
             try:
                 with open(f"/proc/{pid}/cmdline", "rb") as fh:
