@@ -107,11 +107,11 @@ def main() -> None:
     parser.add_argument("--small", type=int, default=40)
     args = parser.parse_args()
 
-    import ray
-
     cpus = os.cpu_count() or 1
     directory = tempfile.mkdtemp(prefix="covidray-bench-")
     os.environ.update(ray_head.token_env(directory))
+    import ray  # after the token variables: Ray reads them when it is imported
+
     env = s3_server.start(directory, free_port())
     os.environ.update(env)
     try:

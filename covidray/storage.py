@@ -14,10 +14,12 @@ renamed over it.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -31,6 +33,15 @@ PROBE_READ_TIMEOUT_S = 5  # check(): a server that accepts but never answers fai
 PROBE_ATTEMPTS = 2
 RETRY_FIRST_DELAY_S = 0.5
 RETRY_MAX_DELAY_S = 8.0
+# boto3 clients of this process, shared by every Storage with the same settings and the same
+# credential variables: a client costs ~0.1-0.2 s of CPU to build, and Ray hands each task a
+# fresh (unpickled) Storage, so building one per task cost more than decoding its images.
+# Clients are thread-safe; building one is not, hence the lock.
+_CLIENTS: dict = {}
+_CLIENTS_LOCK = threading.Lock()
+_CREDENTIAL_VARIABLES = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
+                         "AWS_PROFILE", "AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE",
+                         "AWS_WEB_IDENTITY_TOKEN_FILE", "AWS_ROLE_ARN")
 
 
 class StorageError(RuntimeError):
@@ -201,6 +212,17 @@ class Storage:
         return self._probe
 
     def _make_client(self, connect_timeout: float, read_timeout: float, attempts: int):
+        # Keyed by a digest of the credential variables (never the values themselves), so a
+        # process whose environment changes gets a client for its new credentials.
+        identity = hashlib.sha256(repr([os.environ.get(v) for v in _CREDENTIAL_VARIABLES])
+                                  .encode()).hexdigest()
+        key = (self.settings, connect_timeout, read_timeout, attempts, identity)
+        with _CLIENTS_LOCK:
+            if key not in _CLIENTS:
+                _CLIENTS[key] = self._new_client(connect_timeout, read_timeout, attempts)
+            return _CLIENTS[key]
+
+    def _new_client(self, connect_timeout: float, read_timeout: float, attempts: int):
         from botocore.config import Config
 
         self._require_credentials()
