@@ -17,8 +17,7 @@ from covidray.model import build_model, initial_model, load_checkpoint, model_fr
 from covidray.onnx_model import (ExportParityError, export_onnx, model_metadata, onnx_session,
                                  parity_check, read_metadata)
 from covidray.stages.export import parity_inputs
-from covidray.stages.score import (ScoreConfig, loaded_images, score_archive, snapshot_index,
-                                   staged_index)
+from covidray.stages.score import ScoreConfig, loaded_images, score_archive, snapshot_index
 from covidray.stages.train import TrainConfig, fit, image_stream, latest_checkpoint
 from covidray.storage import StorageError
 from covidray.synthetic import encode, synthetic_xray
@@ -116,7 +115,7 @@ def test_training_export_and_scoring_preprocess_identically(storage, trained_run
     storage.write_table(archive, pd.DataFrame({"uri": [uri]}))
     staging = f"{trained_run['root']}/_staging-parity"
     assert snapshot_index(storage, archive, staging) == 1
-    score_batch = next(iter(loaded_images(staged_index(storage, staging), storage, 8, 0.5)
+    score_batch = next(iter(loaded_images(storage, f"{staging}/index", 8, 0.5)
                             .iter_batches(batch_format="numpy")))
     from_scoring = model_inputs(score_batch)[0][0]
 

@@ -27,7 +27,7 @@ import pandas as pd
 from covidray.config import option, to_dict
 from covidray.datasets import (ARCHIVE_COLUMNS, LOADED_COLUMNS, is_manifest, iter_prefix_rows,
                                load_pixels, manifest_to_index, normalise_index)
-from covidray.images import IMAGE_SUFFIXES
+from covidray.images import IMAGE_SUFFIXES, INPUT_SIZE
 from covidray.incremental import (STATE_COLUMNS, UNKNOWN_ETAG, UNKNOWN_SIZE, frames_of,
                                   merged_state, not_yet_scored, rows)
 from covidray.labels import LABELS, label_index
@@ -160,12 +160,31 @@ def staged_index(storage: Storage, staging: str, name: str = "index"):
     return parquet_parts(storage, [f"{staging}/{name}"])
 
 
-def loaded_images(index, storage: Storage, batch_size: int, data_cpus: float,
+def loaded_images(storage: Storage, folder: str, batch_size: int, data_cpus: float,
                   views: str = "frontal"):
-    """Index rows -> rows with pixels and error: the scoring pipeline before the model."""
-    return index.map_batches(load_pixels, fn_kwargs={"storage": storage, "views": views},
-                             batch_format="numpy",
-                             batch_size=batch_size, num_cpus=data_cpus)
+    """The staged index parts under ``folder`` -> rows with pixels and error: the scoring
+    pipeline before the model. One task a part: it reads the part and decodes it batch by
+    batch, each batch its own block (the model starts on the first batch, not after the
+    part), with no index block passed between tasks."""
+    import ray.data
+
+    parts = list(storage.list_files(folder, (".parquet",)))
+    loaded = ray.data.from_items([{"part": p} for p in parts],
+                                 override_num_blocks=max(1, len(parts))).map_batches(
+        _load_parts, fn_kwargs={"storage": storage, "batch_size": batch_size, "views": views},
+        batch_size=1, batch_format="pandas", num_cpus=data_cpus)
+    # A block as soon as a batch is decoded: the limit is one batch of pixels.
+    loaded.context.target_max_block_size = batch_size * INPUT_SIZE * INPUT_SIZE
+    return loaded
+
+
+def _load_parts(batch: pd.DataFrame, storage: Storage, batch_size: int, views: str):
+    for part in batch["part"]:
+        frame = storage.read_table(part)
+        for start in range(0, len(frame), batch_size):
+            rows = frame.iloc[start:start + batch_size]
+            yield load_pixels({c: rows[c].to_numpy() for c in rows.columns}, storage,
+                              views=views)
 
 
 # --- one run -----------------------------------------------------------------------------
@@ -240,7 +259,7 @@ class Run:
         try:
             listed = snapshot_index(storage, self.config.archive, self.staging,
                                     self.config.allow_local_paths)
-            counts = self.score(staged_index(storage, self.staging), listed)
+            counts = self.score(f"{self.staging}/index", listed)
             return self.finish(listed, counts, listed)
         finally:
             storage.delete_prefix(self.staging)
@@ -266,8 +285,7 @@ class Run:
                         "listed": listed, "new": 0, "nothing_new": True, "last_run": last}
             print(f"{todo} of {listed} listed objects are new or changed", flush=True)
             if todo:
-                counts = self.score(staged_index(self.storage, self.staging, "todo"), todo,
-                                    already=counts)
+                counts = self.score(f"{self.staging}/todo", todo, already=counts)
             summary = self.finish(todo + adopted, counts, listed, new=todo, adopted=adopted)
             self.write_state(current)
             return summary
@@ -284,12 +302,13 @@ class Run:
                                output=self.config.output, model=self.config.model)
         return plan_resources(ray.cluster_resources())
 
-    def score(self, index, expected: int, already: dict | None = None) -> dict:
-        """The one Ray Data execution; the driver writes result parts as batches arrive."""
+    def score(self, index: str, expected: int, already: dict | None = None) -> dict:
+        """The one Ray Data execution over the staged parts under ``index``; the driver
+        writes result parts as batches arrive."""
         import ray.data
 
         plan = self.connect()
-        results = (loaded_images(index, self.storage, self.config.batch_size, plan.decode_cpus,
+        results = (loaded_images(self.storage, index, self.config.batch_size, plan.decode_cpus,
                                  self.config.views)
                    .map_batches(OnnxScorer,
                                 fn_constructor_kwargs={"model": self.model_bytes,
