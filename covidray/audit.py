@@ -22,7 +22,6 @@ import pandas as pd
 import torch
 from torch import nn
 
-from covidray.features import extract_features
 from covidray.images import normalize
 from covidray.metrics import is_positive, roc_auc
 
@@ -77,14 +76,6 @@ def central_share(maps: np.ndarray, box=LUNG_BOX) -> np.ndarray:
 
 
 # --- shortcut audit ----------------------------------------------------------------------
-
-def penultimate_features(model: nn.Module, pixels: np.ndarray, batch: int = 64) -> np.ndarray:
-    """The 512 features the model's last layer reads, for every image."""
-    model = model.eval()
-    parts = [extract_features(model, normalize(pixels[i:i + batch]))
-             for i in range(0, len(pixels), batch)]
-    return np.concatenate(parts) if parts else np.zeros((0, 512), np.float32)
-
 
 def _cross_validated_scores(features, targets, groups, seed: int, folds: int = 5):
     """Out-of-fold probabilities of a standardised logistic regression, folds by patient."""
@@ -151,10 +142,12 @@ def blank(pixels: np.ndarray, keep: str, box=LUNG_BOX) -> np.ndarray:
     return out
 
 
-def border_test(score, pixels: np.ndarray, targets: np.ndarray, threshold: float) -> dict:
+def border_test(score, pixels: np.ndarray, targets: np.ndarray, threshold: float,
+                original: np.ndarray | None = None) -> dict:
     """``score(pixels) -> scores``. AUC and mean score change with the border blanked (lungs
-    only) and with the lungs blanked (border only), against the original images."""
-    original = score(pixels)
+    only) and with the lungs blanked (border only), against the original images (whose
+    scores, ``original``, are computed here unless given)."""
+    original = score(pixels) if original is None else np.asarray(original)
     result = {"original_auc": _auc(original, targets), "variants": {}}
     for keep in ("lungs", "border"):
         changed = score(blank(pixels, keep))

@@ -104,6 +104,32 @@ def quantize_int8(model_bytes: bytes, calibration: np.ndarray, batch: int = 16) 
     return proto.SerializeToString()
 
 
+FEATURES_OUTPUT = "features"
+
+
+def with_features_output(model_bytes: bytes) -> bytes:
+    """The exported model with one more output, ``features`` ``[N, 512]``: the input of its
+    last layer (the ``Gemm`` that makes ``logits``). One onnxruntime pass then gives the
+    scores and what the last layer reads (the shortcut audit's features)."""
+    import onnx
+
+    proto = onnx.load_from_string(model_bytes)
+    last = next(n for n in proto.graph.node if "logits" in n.output)
+    if last.op_type != "Gemm":
+        raise ValueError(f"the model's logits come from a {last.op_type}, not the Gemm of its "
+                         "last layer: re-export it with `covidray export`")
+    identity = onnx.helper.make_node("Identity", [last.input[0]], [FEATURES_OUTPUT])
+    proto.graph.node.append(identity)
+    proto.graph.output.append(onnx.helper.make_tensor_value_info(
+        FEATURES_OUTPUT, onnx.TensorProto.FLOAT, None))
+    return proto.SerializeToString()
+
+
+def positive_index(metadata: dict) -> int:
+    """Where the positive class is in the model's ``probabilities``."""
+    return json.loads(metadata["class_names"]).index(metadata["positive_class"])
+
+
 def read_metadata(session) -> dict:
     """The covidray metadata of an onnxruntime session, prefix stripped."""
     raw = session.get_modelmeta().custom_metadata_map
@@ -168,8 +194,7 @@ class OnnxScorer:
         self.metadata = read_metadata(self.session)
         check_recipe(self.metadata, name)
         self.threshold = float(self.metadata["threshold"]) if threshold is None else threshold
-        self.positive = json.loads(self.metadata["class_names"]).index(
-            self.metadata["positive_class"])
+        self.positive = positive_index(self.metadata)
         self.keep = keep
 
     def __call__(self, batch: dict) -> dict:

@@ -17,7 +17,8 @@ from covidray.model import build_model, initial_model, load_checkpoint, model_fr
 from covidray.onnx_model import (ExportParityError, export_onnx, model_metadata, onnx_session,
                                  parity_check, read_metadata)
 from covidray.stages.export import parity_inputs
-from covidray.stages.score import ScoreConfig, loaded_images, score_archive, snapshot_index
+from covidray.stages.score import (RESULT_PART_ROWS, ScoreConfig, loaded_images, score_archive,
+                                   snapshot_index, sorted_labelled_scores)
 from covidray.stages.train import TrainConfig, fit, image_stream, latest_checkpoint
 from covidray.storage import StorageError
 from covidray.synthetic import encode, synthetic_xray
@@ -178,6 +179,16 @@ def test_scoring_an_archive_with_unreadable_files(storage, trained_run, prefix, 
     assert storage.read_bytes(layout.histogram_png).startswith(b"\x89PNG")
     assert storage.read_bytes(layout.sweep_csv).decode().count("\n") == 102
     assert not list(storage.list_files(layout.staging))  # staging cleaned up
+
+    # The driver's sort (up to RESULT_PART_ROWS predictions) and the Ray sort (beyond)
+    # give the labelled scores in the same order.
+    def in_order(scored):
+        batches = list(sorted_labelled_scores(storage, layout, scored))
+        return list(zip(np.concatenate([b["score"] for b in batches]),
+                        np.concatenate([b["label"] for b in batches])))
+    on_driver, by_ray = in_order(summary["scored"]), in_order(RESULT_PART_ROWS + 1)
+    assert len(on_driver) == 6 and [s for s, _ in on_driver] == sorted(s for s, _ in on_driver)
+    assert [s for s, _ in on_driver] == [s for s, _ in by_ray] and sorted(on_driver) == sorted(by_ray)
 
 
 def test_manifest_archive_records_missing_objects_and_skips_metrics_without_labels(

@@ -7,7 +7,6 @@ The operating threshold is chosen on validation (the highest threshold reaching
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,7 +20,8 @@ from covidray.images import normalize
 from covidray.layout import EvalLayout, RunLayout, ScoreLayout
 from covidray.model import load_checkpoint, model_from_checkpoint
 from covidray.model_card import build_model_card
-from covidray.onnx_model import onnx_session, read_metadata
+from covidray.onnx_model import (FEATURES_OUTPUT, onnx_session, positive_index, read_metadata,
+                                 with_features_output)
 from covidray.report import write_report
 from covidray.stages.score import ScoreConfig, score_archive
 from covidray.storage import Storage
@@ -112,12 +112,15 @@ def inspect_model(config: EvaluateConfig, storage: Storage, run: RunLayout, tabl
     if config.audit:
         held_out = pd.concat([tables["val"], tables["test"]], ignore_index=True)
         pixels = pixels_of(storage, held_out["uri"].tolist())
-        features = audit.penultimate_features(model, pixels)
+        # One onnxruntime pass: the features the last layer reads, and the scores the
+        # border test starts from (the exported model at scoring speed, not torch).
+        model_pass = onnx_pass(storage.read_bytes(run.onnx))
+        scores, features = model_pass(pixels)
         predictability = audit.source_and_label_predictability(features, held_out, DEFAULT_SEED)
         test_rows = np.arange(len(tables["val"]), len(held_out))
-        model_bytes = storage.read_bytes(run.onnx)
-        border = audit.border_test(onnx_scores(model_bytes), pixels[test_rows],
-                                   held_out["target"].to_numpy()[test_rows], threshold)
+        border = audit.border_test(lambda p: model_pass(p)[0], pixels[test_rows],
+                                   held_out["target"].to_numpy()[test_rows], threshold,
+                                   original=scores[test_rows])
         result["audit"] = {"images": int(len(held_out)), "splits": ["val", "test"],
                            "predictability": predictability, "border": border,
                            "lung_box": list(audit.LUNG_BOX)}
@@ -133,18 +136,28 @@ def pixels_of(storage: Storage, uris: list[str], batch: int = 64) -> np.ndarray:
     return np.concatenate(parts) if parts else np.zeros((0, 224, 224), np.uint8)
 
 
+def onnx_pass(model_bytes: bytes, batch: int = 64):
+    """``pixels -> (COVID probabilities, features of the last layer's input)`` with the
+    exported model (what scoring runs), both from one onnxruntime pass."""
+    session = onnx_session(with_features_output(model_bytes))
+    positive = positive_index(read_metadata(session))
+
+    def run(pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        outputs = [session.run(["probabilities", FEATURES_OUTPUT],
+                               {"input": normalize(pixels[i:i + batch])})
+                   for i in range(0, len(pixels), batch)]
+        if not outputs:
+            return np.zeros(0), np.zeros((0, 0), np.float32)
+        return (np.concatenate([o[0] for o in outputs])[:, positive],
+                np.concatenate([o[1] for o in outputs]))
+
+    return run
+
+
 def onnx_scores(model_bytes: bytes, batch: int = 64):
-    """``pixels -> COVID probabilities`` with the exported model (what scoring runs)."""
-    session = onnx_session(model_bytes)
-    metadata = read_metadata(session)
-    positive = json.loads(metadata["class_names"]).index(metadata["positive_class"])
-
-    def score(pixels: np.ndarray) -> np.ndarray:
-        out = [session.run(["probabilities"], {"input": normalize(pixels[i:i + batch])})[0]
-               for i in range(0, len(pixels), batch)]
-        return np.concatenate(out)[:, positive] if out else np.zeros(0)
-
-    return score
+    """``pixels -> COVID probabilities`` with the exported model."""
+    run = onnx_pass(model_bytes, batch)
+    return lambda pixels: run(pixels)[0]
 
 
 def headline(result: dict, layout: EvalLayout) -> dict:

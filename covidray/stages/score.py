@@ -352,7 +352,8 @@ class Run:
                    "errors": self.layout.errors, "reconciled": True}
         if counts["labelled"]:
             self.connect()
-            summary["metrics"] = publish_metrics(self.storage, self.layout, self.threshold)
+            summary["metrics"] = publish_metrics(self.storage, self.layout, self.threshold,
+                                                 counts["scored"])
         return summary
 
     # --- incremental state ------------------------------------------------------------------
@@ -514,19 +515,15 @@ class Progress:
               "images/s)", flush=True)
 
 
-def publish_metrics(storage: Storage, layout: ScoreLayout, threshold: float) -> dict:
-    """Fold the labelled predictions, sorted by score (a Ray sort), into the metrics files;
-    returns headline figures."""
-    from ray.data.expressions import col
-
+def publish_metrics(storage: Storage, layout: ScoreLayout, threshold: float,
+                    scored: int) -> dict:
+    """Fold the labelled predictions, sorted by score, into the metrics files; returns
+    headline figures."""
     from covidray.figures import confusion_matrix_png, score_histogram_png
 
-    sorted_scores = (parquet_parts(storage, [layout.predictions], ["score", "label"])
-                     .filter(expr=col("label").is_in(list(LABELS)))
-                     .sort("score"))
     summary = ScoreSummary(np.asarray(sorted({*sweep_thresholds().tolist(), threshold})))
     auc = SortedAUC()
-    for batch in sorted_scores.iter_batches(batch_size=65_536, batch_format="numpy"):
+    for batch in sorted_labelled_scores(storage, layout, scored):
         targets = label_index(batch["label"])
         summary.add(batch["score"], targets)
         auc.add(batch["score"], targets)
@@ -545,6 +542,25 @@ def publish_metrics(storage: Storage, layout: ScoreLayout, threshold: float) -> 
                                      "specificity": v["specificity"]}
                                  for k, v in report["paper_thresholds"].items()},
             "metrics_json": layout.metrics_json, "paper_threshold_list": list(PAPER_THRESHOLDS)}
+
+
+def sorted_labelled_scores(storage: Storage, layout: ScoreLayout, scored: int):
+    """Batches of ``score`` and ``label`` of the labelled predictions, in score order. Up to
+    RESULT_PART_ROWS predictions (what the part writer holds anyway) are sorted here on the
+    driver; more by a Ray sort, so the driver never holds a large archive's results (and a
+    small one skips the sort's seconds of fixed cost)."""
+    if scored <= RESULT_PART_ROWS:
+        frames = [storage.read_table(part)[["score", "label"]]
+                  for part in storage.list_files(layout.predictions, (".parquet",))]
+        frame = pd.concat(frames, ignore_index=True)
+        frame = frame[frame["label"].isin(LABELS)].sort_values("score", kind="stable")
+        yield {"score": frame["score"].to_numpy(float), "label": frame["label"].to_numpy()}
+        return
+    from ray.data.expressions import col
+
+    yield from (parquet_parts(storage, [layout.predictions], ["score", "label"])
+                .filter(expr=col("label").is_in(list(LABELS)))
+                .sort("score").iter_batches(batch_size=65_536, batch_format="numpy"))
 
 
 def _write_empty(storage: Storage, uri: str, columns: list[str]) -> None:
