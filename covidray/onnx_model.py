@@ -109,12 +109,16 @@ FEATURES_OUTPUT = "features"
 
 def with_features_output(model_bytes: bytes) -> bytes:
     """The exported model with one more output, ``features`` ``[N, 512]``: the input of its
-    last layer (the ``Gemm`` that makes ``logits``). One onnxruntime pass then gives the
-    scores and what the last layer reads (the shortcut audit's features)."""
+    last layer (the ``Gemm`` that makes ``logits``, in float or int8 exports). One
+    onnxruntime pass then gives the scores and what the last layer reads (the shortcut
+    audit's features)."""
     import onnx
 
     proto = onnx.load_from_string(model_bytes)
-    last = next(n for n in proto.graph.node if "logits" in n.output)
+    producer = {output: node for node in proto.graph.node for output in node.output}
+    last = producer["logits"]
+    while last.op_type in ("QuantizeLinear", "DequantizeLinear") and last.input[0] in producer:
+        last = producer[last.input[0]]  # an int8 (QDQ) export wraps the Gemm's output
     if last.op_type != "Gemm":
         raise ValueError(f"the model's logits come from a {last.op_type}, not the Gemm of its "
                          "last layer: re-export it with `covidray export`")

@@ -4,6 +4,7 @@ import numpy as np
 import pandas as pd
 
 from covidray import audit
+from covidray.images import normalize
 
 
 def test_border_test_catches_a_model_that_reads_a_corner_marker():
@@ -69,3 +70,26 @@ def test_grad_cam_maps_are_normalised_and_the_central_share_is_measured():
     corner = np.zeros((1, 224, 224), np.float32)
     corner[0, :10, :10] = 1
     assert audit.central_share(centre)[0] == 1.0 and audit.central_share(corner)[0] == 0.0
+
+
+def test_the_exported_model_gives_the_audit_its_features_in_the_scoring_pass():
+    """The features output added at load time is what the last layer reads: torch's
+    backbone features, and the model's own scores unchanged; an int8 export has it too."""
+    from covidray.features import extract_features
+    from covidray.model import build_model
+    from covidray.onnx_model import (FEATURES_OUTPUT, export_onnx, model_metadata, onnx_session,
+                                     quantize_int8, with_features_output)
+
+    model = build_model("none").eval()
+    exported = export_onnx(model, model_metadata(0.5, "none", {}, 0))
+    inputs = normalize(np.random.default_rng(3).integers(0, 256, (6, 224, 224), dtype=np.uint8))
+    plain = onnx_session(exported).run(["probabilities"], {"input": inputs})[0]
+    probabilities, features = onnx_session(with_features_output(exported)).run(
+        ["probabilities", FEATURES_OUTPUT], {"input": inputs})
+    assert np.array_equal(probabilities, plain)
+    assert features.shape == (6, 512)
+    assert np.allclose(features, extract_features(model, inputs), atol=1e-4)
+
+    int8 = quantize_int8(exported, inputs, batch=3)
+    quantized = onnx_session(with_features_output(int8)).run([FEATURES_OUTPUT], {"input": inputs})[0]
+    assert quantized.shape == (6, 512) and np.corrcoef(quantized.ravel(), features.ravel())[0, 1] > 0.9
