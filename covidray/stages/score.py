@@ -179,12 +179,16 @@ def loaded_images(storage: Storage, folder: str, batch_size: int, data_cpus: flo
 
 
 def _load_parts(batch: pd.DataFrame, storage: Storage, batch_size: int, views: str):
+    import pyarrow.parquet as pq
+
     for part in batch["part"]:
-        frame = storage.read_table(part)
-        for start in range(0, len(frame), batch_size):
-            rows = frame.iloc[start:start + batch_size]
-            yield load_pixels({c: rows[c].to_numpy() for c in rows.columns}, storage,
-                              views=views)
+        # Columns as Ray Data's numpy batches hold them: a missing label is None, never NaN
+        # or pd.NA (which the result blocks could not hold).
+        table = pq.read_table(io.BytesIO(storage.read_bytes(part)))
+        for start in range(0, table.num_rows, batch_size):
+            rows = table.slice(start, batch_size)
+            yield load_pixels({c: rows.column(c).to_numpy(zero_copy_only=False)
+                               for c in rows.column_names}, storage, views=views)
 
 
 # --- one run -----------------------------------------------------------------------------
