@@ -170,7 +170,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             # (every epoch's are in the checkpoint's history).
             continue
         with tempfile.TemporaryDirectory() as tmp:
-            if rank == 0 and due:  # one copy of the checkpoint, written by rank 0 only
+            if rank == 0:  # one copy of the checkpoint, written by rank 0 only
                 state = make_checkpoint(model, optimizer, epoch, config.to_dict(), history,
                                         loop_config["weights_note"])
                 with open(os.path.join(tmp, CHECKPOINT_FILE), "wb") as fh:
