@@ -1,6 +1,6 @@
 """Scoring throughput: end to end against the bounds, in one run on one machine.
 
-    python benchmarks/scoring_throughput.py [--jpegs 2000] [--pngs 300] [--small 40]
+    python benchmarks/scoring_throughput.py [--jpegs 2000] [--pngs 300] [--small 40] [--repeats 1]
 
 Starts its own SeaweedFS server (temporary directory, free port) and a local Ray instance
 with every core, exports a ResNet18 (random weights: speed does not depend on them) and
@@ -8,6 +8,15 @@ prints, each measured here and now:
 
 * the model-only bound: onnxruntime alone, batch 32, every core;
 * the decode-only rate: fetch from S3 + decode + preprocess, one process;
+  (both timed before and after the end-to-end runs, the best kept: noise only ever makes
+  a bound too low, which would flatter the ratios);
+* the same work without Ray: fetch + decode of the next batch overlapped with the model
+  on this one, in one process. Its gap to the bound is fetch + decode's share of the same
+  cores; its gap to end to end is what Ray's tasks, object store, scheduler and driver cost;
+* the same-cores limit 1/(1/model + 1/decode): where the model and decoding share the
+  cores (no GPU) each image costs both, so a pipeline reaches at most about this. Exact
+  when both stages keep every core busy alone (the model and PNG decoding do); fetching
+  small JPEGs is partly bound by Python's GIL, so for (a) it is a slight under-estimate;
 * end to end (`covidray score`) for (a) small JPEGs and (b) full-resolution 16-bit
   2048x2048 PNGs, with the ratio to the bound (for (b) the bound is min(model, decode));
 * the wall time of a small archive on the warm cluster.
@@ -34,6 +43,7 @@ import ray_head  # noqa: E402
 import s3_server  # noqa: E402
 
 from covidray.datasets import load_pixels  # noqa: E402
+from covidray.images import normalize  # noqa: E402
 from covidray.model import build_model  # noqa: E402
 from covidray.onnx_model import export_onnx, model_metadata, onnx_session  # noqa: E402
 from covidray.stages.score import ScoreConfig, score_archive  # noqa: E402
@@ -71,23 +81,57 @@ def upload_archive(storage: Storage, root: str, count: int, distinct: list[bytes
     return storage.write_table(f"{root}/manifest.csv", pd.DataFrame({"uri": uris}))
 
 
-def model_only(model: bytes, threads: int, batches: int = 12) -> float:
+def model_only(model: bytes, threads: int, batches: int = 8, windows: int = 3) -> float:
+    """The best of ``windows`` timings: a bound must not drop because something else on the
+    machine woke up while it was timed."""
     session = onnx_session(model, threads)
     x = np.random.default_rng(0).normal(size=(32, 3, 224, 224)).astype(np.float32)
     session.run(None, {"input": x})  # warm-up
-    started = time.perf_counter()
-    for _ in range(batches):
-        session.run(None, {"input": x})
-    return 32 * batches / (time.perf_counter() - started)
+    rates = []
+    for _ in range(windows):
+        started = time.perf_counter()
+        for _ in range(batches):
+            session.run(None, {"input": x})
+        rates.append(32 * batches / (time.perf_counter() - started))
+    return max(rates)
 
 
-def decode_only(storage: Storage, manifest: str, count: int) -> float:
+def decode_only(storage: Storage, manifest: str, count: int, windows: int = 2) -> float:
+    """Best of ``windows`` timings, as :func:`model_only`."""
     uris = storage.read_table(manifest)["uri"].head(count).to_numpy()
     load_pixels({"uri": uris[:8]}, storage)  # warm-up
+    rates = []
+    for _ in range(windows):
+        started = time.perf_counter()
+        for start in range(0, len(uris), 32):
+            out = load_pixels({"uri": uris[start:start + 32]}, storage)
+            assert (out["error"] == "").all(), out["error"]
+        rates.append(len(uris) / (time.perf_counter() - started))
+    return max(rates)
+
+
+def measure_bounds(model: bytes, cpus: int, storage: Storage, archive_a: str,
+                   archive_b: str) -> np.ndarray:
+    """(model only, decode (a), decode (b)) in images/s."""
+    return np.array([model_only(model, cpus), decode_only(storage, archive_a, 256),
+                     decode_only(storage, archive_b, 24)])
+
+
+def overlapped_one_process(storage: Storage, manifest: str, model: bytes, threads: int,
+                           count: int) -> float:
+    """Fetch + decode batch k+1 in a thread while onnxruntime scores batch k: no Ray."""
+    uris = storage.read_table(manifest)["uri"].head(count).to_numpy()
+    session = onnx_session(model, threads)
+    batches = [uris[start:start + 32] for start in range(0, len(uris), 32)]
+    session.run(None, {"input": normalize(load_pixels({"uri": batches[0]}, storage)["pixels"])})
     started = time.perf_counter()
-    for start in range(0, len(uris), 32):
-        out = load_pixels({"uri": uris[start:start + 32]}, storage)
-        assert (out["error"] == "").all(), out["error"]
+    with ThreadPoolExecutor(1) as pool:
+        loading = pool.submit(load_pixels, {"uri": batches[0]}, storage)
+        for following in [*batches[1:], None]:
+            pixels = loading.result()["pixels"]
+            if following is not None:
+                loading = pool.submit(load_pixels, {"uri": following}, storage)
+            session.run(None, {"input": normalize(pixels)})
     return len(uris) / (time.perf_counter() - started)
 
 
@@ -105,6 +149,8 @@ def main() -> None:
     parser.add_argument("--jpegs", type=int, default=2000)
     parser.add_argument("--pngs", type=int, default=300)
     parser.add_argument("--small", type=int, default=40)
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="end-to-end runs of each archive (the median is reported)")
     args = parser.parse_args()
 
     cpus = os.cpu_count() or 1
@@ -129,24 +175,43 @@ def main() -> None:
               f" KB, (b) {args.pngs} 16-bit 2048x2048 PNGs of "
               f"{np.mean([len(p) for p in pngs]) / 1e6:.1f} MB; {cpus} cores", flush=True)
 
-        bound = model_only(model, cpus)
-        decode_a = decode_only(storage, archive_a, 256)
-        decode_b = decode_only(storage, archive_b, 24)
+        before = measure_bounds(model, cpus, storage, archive_a, archive_b)
+        ceiling_a = overlapped_one_process(storage, archive_a, model, cpus, args.jpegs)
         ray.init(address="local", num_cpus=cpus, include_dashboard=False,
                  logging_level="WARNING")
         end_to_end(storage, small, model_uri, f"{BUCKET}/out/warm-up")  # warms the cluster
         small_rate, small_run = end_to_end(storage, small, model_uri, f"{BUCKET}/out/small")
-        rate_a, _ = end_to_end(storage, archive_a, model_uri, f"{BUCKET}/out/a")
-        rate_b, _ = end_to_end(storage, archive_b, model_uri, f"{BUCKET}/out/b")
+        rates_a = [end_to_end(storage, archive_a, model_uri, f"{BUCKET}/out/a-{i}")[0]
+                   for i in range(args.repeats)]
+        rates_b = [end_to_end(storage, archive_b, model_uri, f"{BUCKET}/out/b-{i}")[0]
+                   for i in range(args.repeats)]
+        rate_a, rate_b = float(np.median(rates_a)), float(np.median(rates_b))
+        # Timed again after the runs and the best kept: noise only ever slows a timing.
+        after = measure_bounds(model, cpus, storage, archive_a, archive_b)
+        bound, decode_a, decode_b = np.maximum(before, after)
         bound_b = min(bound, decode_b)
+        # Where model and decode run on the same cores (no GPU), each image costs both.
+        shared_a, shared_b = (1 / (1 / bound + 1 / decode) for decode in (decode_a, decode_b))
+        spread = (lambda rates: f" (median of {len(rates)}: {min(rates):.1f}-{max(rates):.1f})"
+                  if len(rates) > 1 else "")
         print()
+        print("bounds: the best of timings before and after the end-to-end runs "
+              f"(before: {before.round(1).tolist()}, after: {after.round(1).tolist()})")
         print(f"model only (onnxruntime, batch 32, {cpus} threads)   {bound:7.1f} images/s")
         print(f"decode only, one process: (a) JPEG                {decode_a:7.1f} images/s")
         print(f"decode only, one process: (b) 16-bit PNG          {decode_b:7.1f} images/s")
+        print(f"same cores, 1/(1/model + 1/decode): (a)           {shared_a:7.1f} images/s"
+              f" = {shared_a / bound:.2f}x the model-only bound")
+        print(f"same cores, 1/(1/model + 1/decode): (b)           {shared_b:7.1f} images/s"
+              f" = {shared_b / bound_b:.2f}x min(model, decode)")
+        print(f"overlapped in one process, no Ray: (a) JPEG       {ceiling_a:7.1f} images/s"
+              f" = {ceiling_a / bound:.2f}x the model-only bound")
         print(f"end to end (a) {args.jpegs} JPEGs                      {rate_a:7.1f} images/s"
-              f" = {rate_a / bound:.2f}x the model-only bound")
+              f" = {rate_a / bound:.2f}x the model-only bound, {rate_a / shared_a:.2f}x the"
+              f" same-cores limit{spread(rates_a)}")
         print(f"end to end (b) {args.pngs} 16-bit PNGs                  {rate_b:7.1f} images/s"
-              f" = {rate_b / bound_b:.2f}x min(model, decode) = {bound_b:.1f}")
+              f" = {rate_b / bound_b:.2f}x min(model, decode) = {bound_b:.1f}, "
+              f"{rate_b / shared_b:.2f}x the same-cores limit{spread(rates_b)}")
         print(f"small archive ({args.small} images) on a warm cluster   "
               f"{small_run['wall']:7.1f} s")
     finally:

@@ -425,8 +425,16 @@ class Storage:
         """A CSV or Parquet object (a manifest, a run's splits) as a pandas DataFrame."""
         import pandas as pd
 
-        data = io.BytesIO(self.read_bytes(uri))
-        return pd.read_parquet(data) if uri.lower().endswith(".parquet") else pd.read_csv(data)
+        if uri.lower().endswith(".parquet"):
+            return self.read_arrow(uri).to_pandas()
+        return pd.read_csv(io.BytesIO(self.read_bytes(uri)))
+
+    def read_arrow(self, uri: str):
+        """A Parquet object as a pyarrow Table: a missing value stays None, as in Ray Data's
+        batches (pandas would make it NaN or pd.NA)."""
+        import pyarrow.parquet as pq
+
+        return pq.read_table(io.BytesIO(self.read_bytes(uri)))
 
     def write_table(self, uri: str, frame) -> str:
         """Write a DataFrame as one CSV or Parquet object (by the URI's suffix), atomically."""

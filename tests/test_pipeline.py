@@ -274,6 +274,28 @@ def test_a_rerun_into_a_used_output_leaves_nothing_of_the_previous_run(
     assert storage.read_json(layout.config)["archive"] == unlabelled
 
 
+def test_a_partly_labelled_manifest_is_scored_whole_and_measured_on_its_labels(
+        storage, trained_run, prefix, ray_local):
+    # A missing label must reach the result blocks as None (pd.NA once broke them).
+    rng = np.random.default_rng(3)
+    uris = [f"{prefix}/img-{i}.png" for i in range(6)]
+    for i, uri in enumerate(uris):
+        storage.write_bytes(uri, encode(synthetic_xray(i % 2 == 1, rng), "png"))
+    labels = ["covid", "non_covid", None, "covid", None, "non_covid"]
+    manifest = storage.write_table(f"{prefix}/manifest.csv",
+                                   pd.DataFrame({"uri": uris, "label": labels}))
+    output = f"{prefix}/out"
+    summary = score_archive(ScoreConfig(manifest, RunLayout(trained_run["run"]).onnx, output,
+                                        threshold=0.5), storage)
+    assert (summary["listed"], summary["scored"], summary["failed"]) == (6, 6, 0)
+    predictions = storage.read_parquet_dir(ScoreLayout(output).predictions)
+    got = predictions.set_index("uri")["label"]
+    assert got.dropna().to_dict() == {u: label for u, label in zip(uris, labels) if label}
+    assert sorted(got[got.isna()].index) == [uris[2], uris[4]]
+    metrics = storage.read_json(ScoreLayout(output).metrics_json)
+    assert (metrics["images"], metrics["covid"]) == (4, 2)  # the labelled rows only
+
+
 @pytest.mark.parametrize("rows,reason", [
     ({"uri": ["/etc/passwd"]}, "local path"),
     ({"uri": [""], "label": ["covid"]}, "empty 'uri'"),

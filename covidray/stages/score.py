@@ -179,12 +179,10 @@ def loaded_images(storage: Storage, folder: str, batch_size: int, data_cpus: flo
 
 
 def _load_parts(batch: pd.DataFrame, storage: Storage, batch_size: int, views: str):
-    import pyarrow.parquet as pq
-
     for part in batch["part"]:
-        # Columns as Ray Data's numpy batches hold them: a missing label is None, never NaN
-        # or pd.NA (which the result blocks could not hold).
-        table = pq.read_table(io.BytesIO(storage.read_bytes(part)))
+        # Arrow, not pandas: a missing label must stay None (the result blocks cannot hold
+        # pd.NA).
+        table = storage.read_arrow(part)
         for start in range(0, table.num_rows, batch_size):
             rows = table.slice(start, batch_size)
             yield load_pixels({c: rows.column(c).to_numpy(zero_copy_only=False)

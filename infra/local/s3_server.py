@@ -92,13 +92,27 @@ def _port_open(port: int) -> bool:
         return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
-def _free_port_pair() -> int:
-    """A free port P below 55535 whose gRPC twin P+10000 (weed's default) is free too."""
+def _bindable(port: int) -> bool:
+    """Free to listen on: nothing listens there and no connection uses it as its own end."""
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _free_port_pair(taken: set) -> int:
+    """A free port P whose gRPC twin P+10000 (weed's default) is free too, both below the
+    kernel's ephemeral range (32768 and up here): a port there can be taken between this
+    check and weed's start by any outgoing connection (Ray's, boto3's), failing the start.
+    Above Ray's worker ports (10002-19999)."""
     import random
 
     for _ in range(200):
-        port = random.randrange(20000, 45000)
-        if not _port_open(port) and not _port_open(port + 10000):
+        port = random.randrange(20000, 22768)
+        if port not in taken and _bindable(port) and _bindable(port + 10000):
+            taken.add(port)
             return port
     raise SystemExit("no free local ports for the S3 server's internal services")
 
@@ -142,7 +156,9 @@ def start(directory: str = DEFAULT_DIR, port: int = DEFAULT_PORT, timeout: float
     _security_toml(directory)
     # Free ports for the internal master/volume/filer services, so several servers
     # (a developer's and the tests') can run side by side; recorded in ports.json.
-    internal = {service: _free_port_pair() for service in ("master", "volume", "filer", "admin")}
+    taken: set = set()
+    internal = {service: _free_port_pair(taken)
+                for service in ("master", "volume", "filer", "admin")}
     with open(os.path.join(directory, "ports.json"), "w") as fh:
         json.dump(internal, fh)
     command = [weed_binary(), f"-logdir={logs}", f"-config_dir={directory}", "mini", f"-dir={data}",
