@@ -38,13 +38,6 @@ BUCKET = "s3://covidray-memory"
 FOLDERS = 10
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
 
 def tiny_model() -> bytes:
     """An ONNX model with covidray's input, output and metadata, and almost no compute."""
@@ -161,7 +154,7 @@ def main() -> None:
     from covidray.storage import Storage, StorageSettings
 
     directory = tempfile.mkdtemp(prefix="covidray-memory-")
-    env = s3_server.start(directory, free_port())
+    env = s3_server.start(directory, s3_server.free_port())
     os.environ.update(env)
     os.environ.update(ray_head.token_env(directory))
     try:

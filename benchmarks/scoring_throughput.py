@@ -53,13 +53,6 @@ from covidray.synthetic import encode, synthetic_xray  # noqa: E402
 BUCKET = "s3://covidray-bench"
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
 
 def sixteen_bit_png(rng: np.random.Generator) -> bytes:
     """A full-resolution hospital-like export: 2048x2048, 16-bit, 12 bits used."""
@@ -158,7 +151,7 @@ def main() -> None:
     os.environ.update(ray_head.token_env(directory))
     import ray  # after the token variables: Ray reads them when it is imported
 
-    env = s3_server.start(directory, free_port())
+    env = s3_server.start(directory, s3_server.free_port())
     os.environ.update(env)
     try:
         storage = Storage(StorageSettings(endpoint_url=env["AWS_ENDPOINT_URL"]))

@@ -62,7 +62,7 @@ def free_port() -> int:
 def s3_service(tmp_path_factory):
     """Where the session's SeaweedFS server keeps its data, and its port (fault tests stop
     and restart it there)."""
-    return {"directory": str(tmp_path_factory.mktemp("s3")), "port": free_port()}
+    return {"directory": str(tmp_path_factory.mktemp("s3")), "port": s3_server.free_port()}
 
 
 @pytest.fixture(scope="session")

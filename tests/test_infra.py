@@ -187,10 +187,8 @@ def test_local_s3_server_restarts_on_its_data_and_keeps_secrets_private(tmp_path
 
     from covidray.storage import Storage, StorageSettings
 
-    from conftest import free_port
-
     directory = str(tmp_path / "s3")
-    env = s3_server.start(directory, free_port())
+    env = s3_server.start(directory, s3_server.free_port())
     try:
         def storage():
             return Storage(StorageSettings(endpoint_url=env["AWS_ENDPOINT_URL"]))

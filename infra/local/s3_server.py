@@ -102,6 +102,19 @@ def _bindable(port: int) -> bool:
     return True
 
 
+def free_port() -> int:
+    """A free port for the S3 endpoint of a throwaway server (tests, benchmarks): below the
+    kernel's ephemeral range, as :func:`_free_port_pair`, and apart from its ports, so a
+    server restarted on it finds it still free."""
+    import random
+
+    for _ in range(200):
+        port = random.randrange(23000, 30000)
+        if _bindable(port):
+            return port
+    raise SystemExit("no free local port for the S3 server")
+
+
 def _free_port_pair(taken: set) -> int:
     """A free port P whose gRPC twin P+10000 (weed's default) is free too, both below the
     kernel's ephemeral range (32768 and up here): a port there can be taken between this
