@@ -353,7 +353,8 @@ class Run:
                    "threshold": self.threshold, "predictions": self.layout.predictions,
                    "errors": self.layout.errors, "reconciled": True}
         if counts["labelled"]:
-            self.connect()
+            if not sorts_on_driver(counts["scored"]):
+                self.connect()
             summary["metrics"] = publish_metrics(self.storage, self.layout, self.threshold,
                                                  counts["scored"])
         return summary
@@ -546,12 +547,18 @@ def publish_metrics(storage: Storage, layout: ScoreLayout, threshold: float,
             "metrics_json": layout.metrics_json, "paper_threshold_list": list(PAPER_THRESHOLDS)}
 
 
+def sorts_on_driver(scored: int) -> bool:
+    """Whether the metrics' sort of ``scored`` predictions runs on the driver, or (more than
+    the part writer holds anyway) as a Ray sort."""
+    return scored <= RESULT_PART_ROWS
+
+
 def sorted_labelled_scores(storage: Storage, layout: ScoreLayout, scored: int):
     """Batches of ``score`` and ``label`` of the labelled predictions, in score order. Up to
     RESULT_PART_ROWS predictions (what the part writer holds anyway) are sorted here on the
     driver; more by a Ray sort, so the driver never holds a large archive's results (and a
     small one skips the sort's seconds of fixed cost)."""
-    if scored <= RESULT_PART_ROWS:
+    if sorts_on_driver(scored):
         frames = [storage.read_table(part)[["score", "label"]]
                   for part in storage.list_files(layout.predictions, (".parquet",))]
         frame = pd.concat(frames, ignore_index=True)
