@@ -75,12 +75,16 @@ def make_checkpoint(model: nn.Module, optimizer, epoch: int, config: dict,
 
 
 def in_memory(batches: Iterable[dict], columns=("features", "target", "error")) -> dict:
-    """A few MB of cached features pulled into arrays once (instead of a data pass an epoch)."""
-    parts = {c: [] for c in columns}
+    """A few MB of cached features pulled into arrays once (instead of a data pass an epoch),
+    in (uri, copy) order. Ray Data delivers rows in the order its tasks finish, which varies
+    between runs; each epoch's seeded shuffle must start from one order for a run to repeat."""
+    parts = {c: [] for c in (*columns, "uri", "copy")}
     for batch in batches:
-        for c in columns:
+        for c in parts:
             parts[c].append(np.asarray(batch[c]))
-    return {c: np.concatenate(v) if v else np.empty(0) for c, v in parts.items()}
+    arrays = {c: np.concatenate(v) if v else np.empty(0) for c, v in parts.items()}
+    order = np.lexsort((arrays["copy"], arrays["uri"].astype(str)))  # by uri, then copy
+    return {c: arrays[c][order] for c in columns}
 
 
 def shuffled_batches(arrays: dict, batch_size: int, seed: int) -> Iterator[dict]:

@@ -11,7 +11,7 @@ from covidray.datasets import load_pixels
 from covidray.model import (WeightsUnavailable, build_model, checkpoint_bytes, freeze_for,
                             load_weights, set_train_mode)
 from covidray.synthetic import encode, synthetic_xray
-from covidray.loop import evaluate, train_one_epoch
+from covidray.loop import evaluate, in_memory, shuffled_batches, train_one_epoch
 
 
 def imagenet_like_state_dict(seed: int = 0) -> dict:
@@ -104,3 +104,25 @@ def test_plain_loop_learns_without_ray_and_leaves_backbone_untouched(tmp_path):
     assert after["val_auc"] > 0.8
     assert torch.equal(model.layer3[0].conv1.weight, backbone_before)
     assert torch.equal(model.bn1.running_mean, running_mean_before)
+
+
+def test_cached_features_train_in_the_same_order_whatever_order_ray_delivers_them():
+    # Ray Data hands rows over as its tasks finish; a rerun of the same command must still
+    # see each epoch's batches in the same order (and so train the same head).
+    rng = np.random.default_rng(0)
+    rows = {"uri": np.array([f"s3://b/img-{i % 5}.png" for i in range(10)], dtype=object),
+            "copy": np.array([i // 5 for i in range(10)]),
+            "features": rng.normal(size=(10, 4)).astype(np.float32),
+            "target": rng.integers(0, 2, 10), "error": np.array([""] * 10, dtype=object)}
+
+    def delivered(order, sizes):
+        shuffled = {c: v[order] for c, v in rows.items()}
+        cuts = np.cumsum([0, *sizes])
+        return [{c: v[a:b] for c, v in shuffled.items()} for a, b in zip(cuts, cuts[1:])]
+
+    first = in_memory(delivered(np.arange(10), [4, 6]))
+    second = in_memory(delivered(rng.permutation(10), [3, 3, 4]))
+    for c in ("features", "target", "error"):
+        np.testing.assert_array_equal(first[c], second[c])
+    for a, b in zip(shuffled_batches(first, 3, seed=7), shuffled_batches(second, 3, seed=7)):
+        np.testing.assert_array_equal(a["features"], b["features"])
