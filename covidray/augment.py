@@ -1,8 +1,10 @@
 """Augmentation with the Augmentor library, repeatable per image.
 
 Augmentor draws from Python's and NumPy's global random state, so each image is
-augmented under its own seed derived from (run seed, image URI, copy number): the same
-run gives the same images whatever worker or batch an image lands in.
+augmented under its own seed derived from (run seed, image URI, copy number), one image at
+a time in a process (loading augments a batch in threads, which would otherwise draw from
+each other's seeds): the same run gives the same images whatever worker, batch or thread
+an image lands in.
 
 Augmentation runs on the decoded image downscaled to a working size (Augmentor costs
 ~60 ms on a 1024 px image and ~5 ms at 256 px); :func:`covidray.images.to_input_pixels`
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,6 +25,7 @@ from covidray.config import option
 from covidray.images import INPUT_SIZE, resize_shorter_side
 
 WORKING_SIZE = 256  # shorter side while augmenting
+_GLOBAL_RANDOM = threading.Lock()  # held while an image is augmented under its own seed
 
 
 @dataclass(frozen=True)
@@ -71,13 +75,14 @@ class Augmenter:
 
     def __call__(self, image: Image.Image, uri: str, copy: int) -> Image.Image:
         seed = image_seed(self.seed, uri, copy)
-        py_state, np_state = random.getstate(), np.random.get_state()
-        random.seed(seed)
-        np.random.seed(seed % (2**32))
-        try:
-            working = resize_shorter_side(image, max(WORKING_SIZE, INPUT_SIZE)) \
-                if min(image.size) > WORKING_SIZE else image
-            return self._transform(working)
-        finally:
-            random.setstate(py_state)
-            np.random.set_state(np_state)
+        working = resize_shorter_side(image, max(WORKING_SIZE, INPUT_SIZE)) \
+            if min(image.size) > WORKING_SIZE else image
+        with _GLOBAL_RANDOM:
+            py_state, np_state = random.getstate(), np.random.get_state()
+            random.seed(seed)
+            np.random.seed(seed % (2**32))
+            try:
+                return self._transform(working)
+            finally:
+                random.setstate(py_state)
+                np.random.set_state(np_state)

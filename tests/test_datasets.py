@@ -87,6 +87,20 @@ def test_augmentation_is_repeatable_per_image_and_copy():
     assert a.shape != c.shape or not np.array_equal(a, c)
 
 
+def test_augmentation_is_repeatable_when_threads_augment_at_once():
+    # load_pixels augments a batch's images in a thread pool, and Augmentor draws from the
+    # process-wide random state: concurrent images must not draw from each other's seeds.
+    from concurrent.futures import ThreadPoolExecutor
+
+    image = synthetic_xray(True, np.random.default_rng(0))
+    augmenter = Augmenter(AugmentConfig(), seed=11)
+    jobs = [(f"s3://b/x-{i % 24}.png", 1 + i // 24) for i in range(96)]
+    alone = [np.asarray(augmenter(image, uri, copy)) for uri, copy in jobs]
+    with ThreadPoolExecutor(8) as pool:
+        together = list(pool.map(lambda job: np.asarray(augmenter(image, *job)), jobs))
+    assert all(np.array_equal(a, t) for a, t in zip(alone, together))
+
+
 @pytest.mark.skipif(not os.path.exists(os.path.join(SHARED_CXR, "metadata.csv")),
                     reason="shared real chest X-ray set not present")
 def test_real_metadata_splits_by_split_group():
