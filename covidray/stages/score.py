@@ -90,7 +90,7 @@ def snapshot_index(storage: Storage, archive: str, staging: str,
     are in URI order (S3 lists keys in that order)."""
     listed = 0
     for part, frame in enumerate(_index_chunks(storage, archive, allow_local_paths)):
-        storage.write_table(f"{staging}/index/part-{part:05d}.parquet", _carried(frame))
+        storage.write_table(f"{staged(staging)}/part-{part:05d}.parquet", _carried(frame))
         listed += len(frame)
     if not listed:
         raise StorageError(f"no images found in '{archive}' "
@@ -155,9 +155,15 @@ def _read_parts(batch: pd.DataFrame, storage: Storage, columns: list[str] | None
     return frame[columns] if columns else frame
 
 
-def staged_index(storage: Storage, staging: str, name: str = "index"):
-    """A staged table of this run (its index snapshot, or what is left to score)."""
-    return parquet_parts(storage, [f"{staging}/{name}"])
+def staged(staging: str, name: str = "index") -> str:
+    """The folder of a staged table of this run: its index snapshot (``index``) or what is
+    left to score (``todo``)."""
+    return f"{staging}/{name}"
+
+
+def staged_index(storage: Storage, staging: str):
+    """This run's index snapshot as a Ray Dataset."""
+    return parquet_parts(storage, [staged(staging)])
 
 
 def loaded_images(storage: Storage, folder: str, batch_size: int, data_cpus: float,
@@ -261,7 +267,7 @@ class Run:
         try:
             listed = snapshot_index(storage, self.config.archive, self.staging,
                                     self.config.allow_local_paths)
-            counts = self.score(f"{self.staging}/index", listed)
+            counts = self.score(staged(self.staging), listed)
             return self.finish(listed, counts, listed)
         finally:
             storage.delete_prefix(self.staging)
@@ -287,7 +293,7 @@ class Run:
                         "listed": listed, "new": 0, "nothing_new": True, "last_run": last}
             print(f"{todo} of {listed} listed objects are new or changed", flush=True)
             if todo:
-                counts = self.score(f"{self.staging}/todo", todo, already=counts)
+                counts = self.score(staged(self.staging, "todo"), todo, already=counts)
             summary = self.finish(todo + adopted, counts, listed, new=todo, adopted=adopted)
             self.write_state(current)
             return summary
@@ -430,7 +436,8 @@ class Run:
                                 ["uri", "etag", "size"])) if adopted else iter(()))
         todo = 0
         for number, frame in enumerate(not_yet_scored(listing, done)):
-            self.storage.write_table(f"{self.staging}/todo/part-{number:05d}.parquet", frame)
+            self.storage.write_table(f"{staged(self.staging, 'todo')}/part-{number:05d}.parquet",
+                                     frame)
             todo += len(frame)
         return todo
 
