@@ -6,8 +6,11 @@ Starts its own SeaweedFS server (temporary directory, free port) and a local Ray
 with every core, exports a ResNet18 (random weights: speed does not depend on them) and
 prints, each measured here and now:
 
-* the model-only bound: onnxruntime alone, batch 32, every core;
-* the decode-only rate: fetch from S3 + decode + preprocess, one process;
+* the model-only bound: onnxruntime alone, every core (batch 32), or the GPU where this
+  machine has one and onnxruntime-gpu (batch 128: the batches scoring uses there);
+* the decode-only rate: fetch from S3 + decode + preprocess, one process; and after the
+  end-to-end runs the same through Ray Data on the whole cluster (the scoring pipeline
+  without the model: what many cores decode, where one process's GIL would bound it);
   (both timed before and after the end-to-end runs, the best kept: noise only ever makes
   a bound too low, which would flatter the ratios);
 * the same work without Ray: fetch + decode of the next batch overlapped with the model
@@ -19,6 +22,8 @@ prints, each measured here and now:
   small JPEGs is partly bound by Python's GIL, so for (a) it is a slight under-estimate;
 * end to end (`covidray score`) for (a) small JPEGs and (b) full-resolution 16-bit
   2048x2048 PNGs, with the ratio to the bound (for (b) the bound is min(model, decode));
+  with a GPU also the ratio to min(model, decode in Ray): there the GPU runs the model and
+  the cores decode, so the slower of the two is what a pipeline can reach;
 * the wall time of a small archive on the warm cluster.
 """
 
@@ -45,8 +50,10 @@ import s3_server  # noqa: E402
 from covidray.datasets import load_pixels  # noqa: E402
 from covidray.images import normalize  # noqa: E402
 from covidray.model import build_model  # noqa: E402
-from covidray.onnx_model import export_onnx, model_metadata, onnx_session  # noqa: E402
-from covidray.stages.score import ScoreConfig, score_archive  # noqa: E402
+from covidray.onnx_model import (export_onnx, model_metadata, onnx_session,  # noqa: E402
+                                 score_on_gpu)
+from covidray.stages.score import (ScoreConfig, loaded_images, score_archive,  # noqa: E402
+                                   snapshot_index, staged)
 from covidray.storage import Storage, StorageSettings  # noqa: E402
 from covidray.synthetic import encode, synthetic_xray  # noqa: E402
 
@@ -74,18 +81,20 @@ def upload_archive(storage: Storage, root: str, count: int, distinct: list[bytes
     return storage.write_table(f"{root}/manifest.csv", pd.DataFrame({"uri": uris}))
 
 
-def model_only(model: bytes, threads: int, batches: int = 8, windows: int = 3) -> float:
+def model_only(model: bytes, threads: int, gpu: bool, batches: int = 8,
+               windows: int = 3) -> float:
     """The best of ``windows`` timings: a bound must not drop because something else on the
     machine woke up while it was timed."""
-    session = onnx_session(model, threads)
-    x = np.random.default_rng(0).normal(size=(32, 3, 224, 224)).astype(np.float32)
+    session = onnx_session(model, threads, gpu)
+    batch = 128 if gpu else 32
+    x = np.random.default_rng(0).normal(size=(batch, 3, 224, 224)).astype(np.float32)
     session.run(None, {"input": x})  # warm-up
     rates = []
     for _ in range(windows):
         started = time.perf_counter()
         for _ in range(batches):
             session.run(None, {"input": x})
-        rates.append(32 * batches / (time.perf_counter() - started))
+        rates.append(batch * batches / (time.perf_counter() - started))
     return max(rates)
 
 
@@ -103,11 +112,30 @@ def decode_only(storage: Storage, manifest: str, count: int, windows: int = 2) -
     return max(rates)
 
 
-def measure_bounds(model: bytes, cpus: int, storage: Storage, archive_a: str,
+def measure_bounds(model: bytes, cpus: int, gpu: bool, storage: Storage, archive_a: str,
                    archive_b: str) -> np.ndarray:
     """(model only, decode (a), decode (b)) in images/s."""
-    return np.array([model_only(model, cpus), decode_only(storage, archive_a, 256),
+    return np.array([model_only(model, cpus, gpu), decode_only(storage, archive_a, 256),
                      decode_only(storage, archive_b, 24)])
+
+
+def decode_in_ray(storage: Storage, manifest: str, staging: str, windows: int = 2) -> float:
+    """The scoring pipeline up to the model (its index parts, its decode tasks and their
+    reservation) on the whole cluster, the batches only counted; best of ``windows``."""
+    from covidray.cluster import plan_resources
+
+    import ray
+
+    listed = snapshot_index(storage, manifest, staging)
+    plan = plan_resources(ray.cluster_resources())
+    rates = []
+    for _ in range(windows):
+        started = time.perf_counter()
+        decoded = sum(len(b["error"]) for b in loaded_images(
+            storage, staged(staging), 32, plan.decode_cpus).iter_batches(batch_size=None))
+        assert decoded == listed, (decoded, listed)
+        rates.append(listed / (time.perf_counter() - started))
+    return max(rates)
 
 
 def overlapped_one_process(storage: Storage, manifest: str, model: bytes, threads: int,
@@ -147,6 +175,9 @@ def main() -> None:
     args = parser.parse_args()
 
     cpus = os.cpu_count() or 1
+    import torch
+
+    gpu = score_on_gpu("auto", {"GPU": torch.cuda.device_count()})
     directory = tempfile.mkdtemp(prefix="covidray-bench-")
     os.environ.update(ray_head.token_env(directory))
     import ray  # after the token variables: Ray reads them when it is imported
@@ -166,9 +197,10 @@ def main() -> None:
         archive_b = upload_archive(storage, f"{BUCKET}/b", args.pngs, pngs, "png")
         print(f"archives: (a) {args.jpegs} JPEGs of {np.mean([len(j) for j in jpegs]) / 1e3:.0f}"
               f" KB, (b) {args.pngs} 16-bit 2048x2048 PNGs of "
-              f"{np.mean([len(p) for p in pngs]) / 1e6:.1f} MB; {cpus} cores", flush=True)
+              f"{np.mean([len(p) for p in pngs]) / 1e6:.1f} MB; {cpus} cores"
+              f"{', the model on a GPU' if gpu else ''}", flush=True)
 
-        before = measure_bounds(model, cpus, storage, archive_a, archive_b)
+        before = measure_bounds(model, cpus, gpu, storage, archive_a, archive_b)
         ceiling_a = overlapped_one_process(storage, archive_a, model, cpus, args.jpegs)
         ray.init(address="local", num_cpus=cpus, include_dashboard=False,
                  logging_level="WARNING")
@@ -180,7 +212,9 @@ def main() -> None:
                    for i in range(args.repeats)]
         rate_a, rate_b = float(np.median(rates_a)), float(np.median(rates_b))
         # Timed again after the runs and the best kept: noise only ever slows a timing.
-        after = measure_bounds(model, cpus, storage, archive_a, archive_b)
+        after = measure_bounds(model, cpus, gpu, storage, archive_a, archive_b)
+        ray_a, ray_b = (decode_in_ray(storage, archive, f"{BUCKET}/staging/{name}")
+                        for name, archive in (("a", archive_a), ("b", archive_b)))
         bound, decode_a, decode_b = np.maximum(before, after)
         bound_b = min(bound, decode_b)
         # Where model and decode run on the same cores (no GPU), each image costs both.
@@ -190,21 +224,33 @@ def main() -> None:
         print()
         print("bounds: the best of timings before and after the end-to-end runs "
               f"(before: {before.round(1).tolist()}, after: {after.round(1).tolist()})")
-        print(f"model only (onnxruntime, batch 32, {cpus} threads)   {bound:7.1f} images/s")
+        model_line = "GPU, batch 128" if gpu else f"batch 32, {cpus} threads"
+        print(f"model only (onnxruntime, {model_line})".ljust(50) + f"{bound:7.1f} images/s")
         print(f"decode only, one process: (a) JPEG                {decode_a:7.1f} images/s")
         print(f"decode only, one process: (b) 16-bit PNG          {decode_b:7.1f} images/s")
-        print(f"same cores, 1/(1/model + 1/decode): (a)           {shared_a:7.1f} images/s"
-              f" = {shared_a / bound:.2f}x the model-only bound")
-        print(f"same cores, 1/(1/model + 1/decode): (b)           {shared_b:7.1f} images/s"
-              f" = {shared_b / bound_b:.2f}x min(model, decode)")
+        print(f"decode only, Ray Data, {cpus} cores: (a) JPEG".ljust(50)
+              + f"{ray_a:7.1f} images/s")
+        print(f"decode only, Ray Data, {cpus} cores: (b) 16-bit PNG".ljust(50)
+              + f"{ray_b:7.1f} images/s")
+        if not gpu:
+            print(f"same cores, 1/(1/model + 1/decode): (a)           {shared_a:7.1f} images/s"
+                  f" = {shared_a / bound:.2f}x the model-only bound")
+            print(f"same cores, 1/(1/model + 1/decode): (b)           {shared_b:7.1f} images/s"
+                  f" = {shared_b / bound_b:.2f}x min(model, decode)")
+        limit = (lambda rate, shared: "" if gpu else
+                 f", {rate / shared:.2f}x the same-cores limit")
         print(f"overlapped in one process, no Ray: (a) JPEG       {ceiling_a:7.1f} images/s"
               f" = {ceiling_a / bound:.2f}x the model-only bound")
         print(f"end to end (a) {args.jpegs} JPEGs                      {rate_a:7.1f} images/s"
-              f" = {rate_a / bound:.2f}x the model-only bound, {rate_a / shared_a:.2f}x the"
-              f" same-cores limit{spread(rates_a)}")
+              f" = {rate_a / bound:.2f}x the model-only bound{limit(rate_a, shared_a)}"
+              f"{spread(rates_a)}")
         print(f"end to end (b) {args.pngs} 16-bit PNGs                  {rate_b:7.1f} images/s"
-              f" = {rate_b / bound_b:.2f}x min(model, decode) = {bound_b:.1f}, "
-              f"{rate_b / shared_b:.2f}x the same-cores limit{spread(rates_b)}")
+              f" = {rate_b / bound_b:.2f}x min(model, decode) = {bound_b:.1f}"
+              f"{limit(rate_b, shared_b)}{spread(rates_b)}")
+        if gpu:  # the GPU runs the model, the cores decode: the slower one bounds a pipeline
+            for name, rate, decoded in (("(a)", rate_a, ray_a), ("(b)", rate_b, ray_b)):
+                print(f"end to end {name} / min(model, decode in Ray)".ljust(50)
+                      + f"{rate / min(bound, decoded):7.2f}x")
         print(f"small archive ({args.small} images) on a warm cluster   "
               f"{small_run['wall']:7.1f} s")
     finally:

@@ -23,13 +23,20 @@ class ResourcePlan:
     inference_actor_cpus: float  # CPUs reserved per onnxruntime actor (not decode_cpus: no fusion)
     scoring_actors: int  # onnxruntime / backbone-feature actors
     inference_threads: int  # intra-op threads per onnxruntime / backbone-feature actor
+    inference_gpus: float  # GPUs per onnxruntime / backbone-feature actor (0: on CPUs)
+    inference_batch: int  # images per inference batch
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
 def plan_resources(cluster: dict, workers: int = 1, use_gpu: bool = False) -> ResourcePlan:
-    """Split ``cluster`` (``ray.cluster_resources()``) between training workers and data work."""
+    """Split ``cluster`` (``ray.cluster_resources()``) between training workers and data work.
+
+    With ``use_gpu`` each training worker holds a GPU, and inference (scoring, backbone
+    features) runs one actor per whole GPU with bigger batches, every CPU left to decoding.
+    Ray hides the GPUs from an actor that does not reserve one (``CUDA_VISIBLE_DEVICES`` is
+    emptied), so inference on a GPU must reserve it."""
     cpus = float(cluster.get("CPU", 1.0))
     gpus = float(cluster.get("GPU", 0.0))
     if workers < 1:
@@ -42,7 +49,7 @@ def plan_resources(cluster: dict, workers: int = 1, use_gpu: bool = False) -> Re
     # its share of the cores (decoding is light next to a ResNet step).
     worker_cpus = max(0.25, min(1.0, cpus / (2 * workers)))
     left_for_data = max(0.5, cpus - worker_cpus * workers)
-    actors = max(1, math.floor(cpus / 2))
+    actors = max(1, math.floor(gpus if use_gpu else cpus / 2))
     return ResourcePlan(
         workers=workers,
         worker_cpus=round(worker_cpus, 3),
@@ -52,7 +59,10 @@ def plan_resources(cluster: dict, workers: int = 1, use_gpu: bool = False) -> Re
         decode_cpus=0.5 if cpus >= 1 else 0.25,
         inference_actor_cpus=1.0 if cpus >= 2 else 0.5,
         scoring_actors=actors,
-        inference_threads=max(1, math.floor(cpus / actors)),
+        # On a GPU the actor's CPU threads only feed it: the cores are decoding's.
+        inference_threads=1 if use_gpu else max(1, math.floor(cpus / actors)),
+        inference_gpus=1.0 if use_gpu else 0.0,
+        inference_batch=128 if use_gpu else 32,
     )
 
 

@@ -140,7 +140,13 @@ def read_metadata(session) -> dict:
     return {k[len(META_PREFIX):]: v for k, v in raw.items() if k.startswith(META_PREFIX)}
 
 
-def onnx_session(model_bytes: bytes, threads: int = 0):
+GPU_POLICIES = ("auto", "on", "off")
+CUDA = "CUDAExecutionProvider"
+
+
+def onnx_session(model_bytes: bytes, threads: int = 0, gpu: bool = False):
+    """An onnxruntime session on the CPU, or with ``gpu`` on CUDA (onnxruntime-gpu); a GPU
+    session that onnxruntime could not put on CUDA fails here rather than run on the CPU."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -149,10 +155,50 @@ def onnx_session(model_bytes: bytes, threads: int = 0):
         options.inter_op_num_threads = 1
         # Idle threads sleep instead of spinning: they share the cores with decoding.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    # onnxruntime-gpu (the GPU image) offers CUDA: use it where this node has a GPU.
-    providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider")
-                 if p in ort.get_available_providers()]
-    return ort.InferenceSession(model_bytes, options, providers=providers)
+    providers = [CUDA, "CPUExecutionProvider"] if gpu else ["CPUExecutionProvider"]
+    if gpu and CUDA not in ort.get_available_providers():
+        raise RuntimeError(f"scoring on a GPU needs onnxruntime-gpu, but this node's onnxruntime "
+                           f"offers only {ort.get_available_providers()}: install onnxruntime-gpu "
+                           "(the GPU image has it) or score with --gpu off")
+    if gpu:
+        # CUDA and cuDNN from torch or the nvidia-* wheels where they are not on the library
+        # path. Best effort: whether CUDA started is checked below, with the message to act on.
+        try:
+            ort.preload_dlls()
+        except Exception as error:  # noqa: BLE001 - reported through the check below
+            print(f"onnxruntime.preload_dlls: {error}")
+    session = ort.InferenceSession(model_bytes, options, providers=providers)
+    if gpu and session.get_providers()[0] != CUDA:
+        raise RuntimeError("onnxruntime-gpu could not start CUDA on this node (its CUDA and "
+                           "cuDNN libraries must match the driver; onnxruntime's log above says "
+                           "which failed): fix the image or score with --gpu off")
+    return session
+
+
+def score_on_gpu(policy: str, cluster: dict, providers: list[str] | None = None) -> bool:
+    """Whether scoring runs its onnxruntime actors on GPUs: ``policy`` (``--gpu``) against the
+    cluster's resources and this process's onnxruntime (the nodes run the same image)."""
+    if policy not in GPU_POLICIES:
+        raise ValueError(f"--gpu {policy}: expected one of {', '.join(GPU_POLICIES)}")
+    if policy == "off":
+        return False
+    if providers is None:
+        import onnxruntime as ort
+
+        providers = ort.get_available_providers()
+    gpus = float(cluster.get("GPU", 0.0))
+    if policy == "on" and gpus < 1:
+        raise ValueError("--gpu on, but the Ray cluster has no GPU: add GPU nodes, or score "
+                         "with --gpu auto or off")
+    if gpus >= 1 and CUDA not in providers:
+        if policy == "on":
+            raise ValueError("--gpu on, but onnxruntime here has no CUDA provider: install "
+                             "onnxruntime-gpu (the GPU image has it)")
+        print(f"the cluster has {gpus:g} GPU(s) but onnxruntime here has no CUDA provider: "
+              "scoring on CPUs (install onnxruntime-gpu to use them; --gpu off says this is "
+              "meant)")
+        return False
+    return gpus >= 1
 
 
 def parity_check(model, model_bytes: bytes, inputs: np.ndarray,
@@ -193,8 +239,8 @@ class OnnxScorer:
     them to every actor, so an actor never waits on storage) and ``name`` where it came from."""
 
     def __init__(self, model: bytes, name: str, threshold: float | None = None,
-                 threads: int = 0, keep: tuple[str, ...] = ()):
-        self.session = onnx_session(model, threads)
+                 threads: int = 0, keep: tuple[str, ...] = (), gpu: bool = False):
+        self.session = onnx_session(model, threads, gpu)
         self.metadata = read_metadata(self.session)
         check_recipe(self.metadata, name)
         self.threshold = float(self.metadata["threshold"]) if threshold is None else threshold

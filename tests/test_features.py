@@ -64,6 +64,17 @@ def test_resource_plan_leaves_cpus_for_data_on_a_two_cpu_cluster():
         plan_resources({"CPU": 8.0, "GPU": 1.0}, workers=2, use_gpu=True)
 
 
+def test_inference_runs_one_actor_per_gpu_and_leaves_the_cpus_to_decoding():
+    cpu = plan_resources({"CPU": 16.0, "GPU": 2.0})  # GPUs there, but not asked for
+    assert (cpu.scoring_actors, cpu.inference_threads, cpu.inference_gpus,
+            cpu.inference_batch) == (8, 2, 0.0, 32)
+    gpu = plan_resources({"CPU": 16.0, "GPU": 2.0}, use_gpu=True)
+    assert (gpu.scoring_actors, gpu.inference_threads, gpu.inference_gpus,
+            gpu.inference_batch) == (2, 1, 1.0, 128)
+    assert gpu.decode_cpus == cpu.decode_cpus  # the 16 CPUs still decode
+    assert plan_resources({"CPU": 8.0, "GPU": 1.5}, use_gpu=True).scoring_actors == 1
+
+
 def test_local_paths_are_refused_only_on_a_cluster_of_several_nodes():
     from covidray.cluster import require_object_storage
 

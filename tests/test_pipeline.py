@@ -15,7 +15,7 @@ from covidray.layout import RunLayout, ScoreLayout
 from covidray.metrics import is_positive
 from covidray.model import build_model, initial_model, load_checkpoint, model_from_checkpoint
 from covidray.onnx_model import (ExportParityError, export_onnx, model_metadata, onnx_session,
-                                 parity_check, read_metadata)
+                                 parity_check, read_metadata, score_on_gpu)
 from covidray.stages.export import parity_inputs
 from covidray.stages.score import (RESULT_PART_ROWS, ScoreConfig, loaded_images, score_archive,
                                    snapshot_index, sorted_labelled_scores)
@@ -250,6 +250,47 @@ def test_keys_with_question_marks_and_hashes_are_scored_from_their_own_bytes(
         own = session.run(["probabilities"], {"input": preprocess(storage.read_bytes(row.uri))})
         assert row.score == pytest.approx(float(own[0][0, 1]), abs=1e-6)
     assert predictions["score"].nunique() == 3  # three different images, three scores
+
+
+def test_scoring_uses_gpus_only_where_onnxruntime_can(capsys):
+    cuda = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    cpu_only = ["CPUExecutionProvider"]
+    gpus, no_gpus = {"CPU": 16.0, "GPU": 1.0}, {"CPU": 16.0}
+    assert score_on_gpu("auto", gpus, cuda) is True
+    assert score_on_gpu("auto", no_gpus, cuda) is False
+    assert score_on_gpu("off", gpus, cuda) is False
+    assert score_on_gpu("on", gpus, cuda) is True
+    capsys.readouterr()
+    assert score_on_gpu("auto", gpus, cpu_only) is False  # slower, not wrong: said, not failed
+    assert "has 1 GPU(s) but onnxruntime here has no CUDA provider" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="--gpu on, but the Ray cluster has no GPU"):
+        score_on_gpu("on", no_gpus, cuda)
+    with pytest.raises(ValueError, match="install onnxruntime-gpu"):
+        score_on_gpu("on", gpus, cpu_only)
+
+
+def test_a_gpu_session_never_falls_back_to_the_cpu_silently():
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this onnxruntime has CUDA (tests/test_gpu.py covers it)")
+    model = export_onnx(build_model("none"), model_metadata(0.5, "none", {}, 0))
+    assert onnx_session(model).get_providers() == ["CPUExecutionProvider"]
+    with pytest.raises(RuntimeError, match="needs onnxruntime-gpu.*--gpu off"):
+        onnx_session(model, gpu=True)
+
+
+def test_gpu_on_a_cluster_without_gpus_fails_and_leaves_the_last_result(
+        storage, trained_run, prefix, ray_local):
+    model, output = RunLayout(trained_run["run"]).onnx, f"{prefix}/out"
+    archive = f"{prefix}/archive"
+    bad_archive(storage, archive)
+    first = score_archive(ScoreConfig(archive, model, output, threshold=0.3), storage)
+    layout = ScoreLayout(output)
+    with pytest.raises(ValueError, match="--gpu on, but the Ray cluster has no GPU"):
+        score_archive(ScoreConfig(archive, model, output, threshold=0.3, gpu="on"), storage)
+    assert storage.read_json(layout.success) == first
+    assert len(storage.read_parquet_dir(layout.predictions)) == first["scored"]
 
 
 def test_a_rerun_into_a_used_output_leaves_nothing_of_the_previous_run(

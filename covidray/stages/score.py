@@ -36,7 +36,7 @@ from covidray.lease import Lease
 from covidray.metrics import (PAPER_THRESHOLDS, ScoreSummary, SortedAUC, metrics_report,
                               sweep_csv, sweep_thresholds)
 from covidray.model_card import scoring_threshold
-from covidray.onnx_model import OnnxScorer
+from covidray.onnx_model import GPU_POLICIES, OnnxScorer, score_on_gpu
 from covidray.storage import Location, Storage, StorageError
 from covidray.views import VIEW_POLICIES
 
@@ -60,7 +60,11 @@ class ScoreConfig:
     threshold: float | None = option(None, "operating threshold (default: the model card's, "
                                            "chosen on validation by `covidray evaluate`; "
                                            "else the model's training default)")
-    batch_size: int = option(32, "images per inference batch")
+    batch_size: int | None = option(None, "images per inference batch (default: 32 on CPUs, "
+                                          "128 on a GPU)")
+    gpu: str = option("auto", "auto: where the cluster has GPUs and onnxruntime here has CUDA, "
+                              "one onnxruntime actor per GPU; on: that, or fail; off: CPUs only",
+                      choices=GPU_POLICIES)
     views: str = option("frontal", "frontal: a lateral view (DICOM ViewPosition LL/RL/LATERAL) "
                                    "goes to errors, 'lateral view skipped'; all: score every "
                                    "view (the view_check column says which are not frontal)",
@@ -223,11 +227,12 @@ def score_archive(config: ScoreConfig, storage: Storage, ray_address: str | None
     base = ScoreLayout(output)
     # Join the cluster before any Ray Data call: Ray Data would otherwise start Ray itself
     # with address "auto", which finds whatever cluster this machine last ran (dead or not).
+    # Sized now, so that a --gpu the cluster cannot meet fails before the output is touched.
     from covidray.cluster import connect_ray
 
-    connect_ray(ray_address)
+    plan = scoring_plan(config, connect_ray(ray_address).cluster_resources())
     with Lease(storage, base.lease, config.lease_seconds, f"covidray score {run_id}") as lease:
-        run = Run(config, storage, ray_address, run_id, threshold, model_bytes, lease)
+        run = Run(config, storage, ray_address, run_id, threshold, model_bytes, lease, plan)
         summary = run.incremental() if config.incremental else run.whole()
         summary.update(threshold_source=threshold_source,
                        seconds=round(time.time() - started, 1))
@@ -240,12 +245,24 @@ def score_archive(config: ScoreConfig, storage: Storage, ray_address: str | None
     return summary
 
 
+def scoring_plan(config: ScoreConfig, cluster: dict):
+    """Actors, threads, GPUs and batch size for scoring, sized from ``cluster``; says which."""
+    from covidray.cluster import plan_resources
+
+    plan = plan_resources(cluster, use_gpu=score_on_gpu(config.gpu, cluster))
+    where = "a GPU" if plan.inference_gpus else f"{plan.inference_threads} CPU thread(s)"
+    print(f"scoring with up to {config.actors or plan.scoring_actors} onnxruntime actor(s), "
+          f"each on {where}, batches of {config.batch_size or plan.inference_batch}", flush=True)
+    return plan
+
+
 class Run:
     """One scoring run into ``config.output``; :meth:`whole` or :meth:`incremental`."""
 
     def __init__(self, config: ScoreConfig, storage: Storage, ray_address, run_id: str,
-                 threshold: float, model_bytes: bytes, lease: Lease):
+                 threshold: float, model_bytes: bytes, lease: Lease, plan):
         self.config, self.storage, self.ray_address = config, storage, ray_address
+        self.plan = plan
         self.run_id, self.threshold, self.lease = run_id, threshold, lease
         self.model_bytes = model_bytes
         self.model_digest = hashlib.sha256(model_bytes).hexdigest()[:16]
@@ -302,32 +319,35 @@ class Run:
 
     # --- pieces -------------------------------------------------------------------------
     def connect(self):
-        from covidray.cluster import (alive_nodes, connect_ray, plan_resources,
-                                      require_object_storage)
+        from covidray.cluster import alive_nodes, connect_ray, require_object_storage
 
         ray = connect_ray(self.ray_address)
         require_object_storage(alive_nodes(ray), archive=self.config.archive,
                                output=self.config.output, model=self.config.model)
-        return plan_resources(ray.cluster_resources())
+        return ray
 
     def score(self, index: str, expected: int, already: dict | None = None) -> dict:
         """The one Ray Data execution over the staged parts under ``index``; the driver
         writes result parts as batches arrive."""
         import ray.data
 
-        plan = self.connect()
-        results = (loaded_images(self.storage, index, self.config.batch_size, plan.decode_cpus,
+        self.connect()
+        plan = self.plan
+        batch_size = self.config.batch_size or plan.inference_batch
+        results = (loaded_images(self.storage, index, batch_size, plan.decode_cpus,
                                  self.config.views)
                    .map_batches(OnnxScorer,
                                 fn_constructor_kwargs={"model": self.model_bytes,
                                                        "name": self.config.model,
                                                        "threshold": self.threshold,
                                                        "threads": plan.inference_threads,
+                                                       "gpu": plan.inference_gpus > 0,
                                                        "keep": (*CARRIED, *LOADED_COLUMNS)},
-                                batch_format="numpy", batch_size=self.config.batch_size,
+                                batch_format="numpy", batch_size=batch_size,
                                 # Not the decode tasks' reservation: Ray Data would fuse
                                 # them into the actor, and decoding would wait on inference.
                                 num_cpus=plan.inference_actor_cpus,
+                                num_gpus=plan.inference_gpus,
                                 compute=ray.data.ActorPoolStrategy(
                                     min_size=self.config.actors or 1,
                                     max_size=self.config.actors or plan.scoring_actors)))

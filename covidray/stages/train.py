@@ -247,6 +247,7 @@ def cache_features(datasets: dict, config: TrainConfig, storage: Storage, plan,
         storage.delete_prefix(target.uri)
         images.map_batches(
             BackboneFeatures, batch_format="numpy", batch_size=IMAGE_BATCH, num_cpus=plan.data_cpus,
+            num_gpus=plan.inference_gpus,
             fn_constructor_kwargs={"weights": config.weights, "seed": config.seed,
                                    "storage": storage, "threads": plan.inference_threads},
             compute=ray.data.ActorPoolStrategy(min_size=1, max_size=plan.scoring_actors),
