@@ -47,6 +47,7 @@ sys.path.insert(0, os.path.join(REPO, "infra", "local"))
 import ray_head  # noqa: E402
 import s3_server  # noqa: E402
 
+from covidray.cluster import plan_resources  # noqa: E402
 from covidray.datasets import load_pixels  # noqa: E402
 from covidray.images import normalize  # noqa: E402
 from covidray.model import build_model  # noqa: E402
@@ -81,12 +82,11 @@ def upload_archive(storage: Storage, root: str, count: int, distinct: list[bytes
     return storage.write_table(f"{root}/manifest.csv", pd.DataFrame({"uri": uris}))
 
 
-def model_only(model: bytes, threads: int, gpu: bool, batches: int = 8,
+def model_only(model: bytes, threads: int, gpu: bool, batch: int, batches: int = 8,
                windows: int = 3) -> float:
     """The best of ``windows`` timings: a bound must not drop because something else on the
     machine woke up while it was timed."""
     session = onnx_session(model, threads, gpu)
-    batch = 128 if gpu else 32
     x = np.random.default_rng(0).normal(size=(batch, 3, 224, 224)).astype(np.float32)
     session.run(None, {"input": x})  # warm-up
     rates = []
@@ -112,39 +112,38 @@ def decode_only(storage: Storage, manifest: str, count: int, windows: int = 2) -
     return max(rates)
 
 
-def measure_bounds(model: bytes, cpus: int, gpu: bool, storage: Storage, archive_a: str,
-                   archive_b: str) -> np.ndarray:
+def measure_bounds(model: bytes, cpus: int, gpu: bool, batch: int, storage: Storage,
+                   archive_a: str, archive_b: str) -> np.ndarray:
     """(model only, decode (a), decode (b)) in images/s."""
-    return np.array([model_only(model, cpus, gpu), decode_only(storage, archive_a, 256),
+    return np.array([model_only(model, cpus, gpu, batch), decode_only(storage, archive_a, 256),
                      decode_only(storage, archive_b, 24)])
 
 
-def decode_in_ray(storage: Storage, manifest: str, staging: str, windows: int = 2) -> float:
+def decode_in_ray(storage: Storage, manifest: str, staging: str, gpu: bool,
+                  windows: int = 2) -> float:
     """The scoring pipeline up to the model (its index parts, its decode tasks and their
     reservation) on the whole cluster, the batches only counted; best of ``windows``."""
-    from covidray.cluster import plan_resources
-
     import ray
 
     listed = snapshot_index(storage, manifest, staging)
-    plan = plan_resources(ray.cluster_resources())
+    plan = plan_resources(ray.cluster_resources(), use_gpu=gpu)
     rates = []
     for _ in range(windows):
         started = time.perf_counter()
         decoded = sum(len(b["error"]) for b in loaded_images(
-            storage, staged(staging), 32, plan.decode_cpus).iter_batches(batch_size=None))
+            storage, staged(staging), plan.inference_batch, plan.decode_cpus)
+            .iter_batches(batch_size=None))
         assert decoded == listed, (decoded, listed)
         rates.append(listed / (time.perf_counter() - started))
     return max(rates)
 
 
 def overlapped_one_process(storage: Storage, manifest: str, model: bytes, threads: int,
-                           gpu: bool, count: int) -> float:
+                           gpu: bool, batch: int, count: int) -> float:
     """Fetch + decode batch k+1 in a thread while onnxruntime scores batch k: no Ray."""
     uris = storage.read_table(manifest)["uri"].head(count).to_numpy()
     session = onnx_session(model, threads, gpu)
-    size = 128 if gpu else 32
-    batches = [uris[start:start + size] for start in range(0, len(uris), size)]
+    batches = [uris[start:start + batch] for start in range(0, len(uris), batch)]
     session.run(None, {"input": normalize(load_pixels({"uri": batches[0]}, storage)["pixels"])})
     started = time.perf_counter()
     with ThreadPoolExecutor(1) as pool:
@@ -178,7 +177,9 @@ def main() -> None:
     cpus = os.cpu_count() or 1
     import torch
 
-    gpu = score_on_gpu("auto", {"GPU": torch.cuda.device_count()})
+    machine = {"CPU": cpus, "GPU": torch.cuda.device_count()}
+    gpu = score_on_gpu("auto", machine)
+    batch = plan_resources(machine, use_gpu=gpu).inference_batch  # the batches scoring uses
     directory = tempfile.mkdtemp(prefix="covidray-bench-")
     os.environ.update(ray_head.token_env(directory))
     import ray  # after the token variables: Ray reads them when it is imported
@@ -201,9 +202,9 @@ def main() -> None:
               f"{np.mean([len(p) for p in pngs]) / 1e6:.1f} MB; {cpus} cores"
               f"{', the model on a GPU' if gpu else ''}", flush=True)
 
-        before = measure_bounds(model, cpus, gpu, storage, archive_a, archive_b)
+        before = measure_bounds(model, cpus, gpu, batch, storage, archive_a, archive_b)
         # A rate: the first 2,000 images are enough (one process is GIL-bound on big archives).
-        ceiling_a = overlapped_one_process(storage, archive_a, model, cpus, gpu,
+        ceiling_a = overlapped_one_process(storage, archive_a, model, cpus, gpu, batch,
                                            min(args.jpegs, 2000))
         ray.init(address="local", num_cpus=cpus, include_dashboard=False,
                  logging_level="WARNING")
@@ -215,8 +216,8 @@ def main() -> None:
                    for i in range(args.repeats)]
         rate_a, rate_b = float(np.median(rates_a)), float(np.median(rates_b))
         # Timed again after the runs and the best kept: noise only ever slows a timing.
-        after = measure_bounds(model, cpus, gpu, storage, archive_a, archive_b)
-        ray_a, ray_b = (decode_in_ray(storage, archive, f"{BUCKET}/staging/{name}")
+        after = measure_bounds(model, cpus, gpu, batch, storage, archive_a, archive_b)
+        ray_a, ray_b = (decode_in_ray(storage, archive, f"{BUCKET}/staging/{name}", gpu)
                         for name, archive in (("a", archive_a), ("b", archive_b)))
         bound, decode_a, decode_b = np.maximum(before, after)
         bound_b = min(bound, decode_b)
@@ -227,7 +228,7 @@ def main() -> None:
         print()
         print("bounds: the best of timings before and after the end-to-end runs "
               f"(before: {before.round(1).tolist()}, after: {after.round(1).tolist()})")
-        model_line = "GPU, batch 128" if gpu else f"batch 32, {cpus} threads"
+        model_line = f"batch {batch}, " + ("GPU" if gpu else f"{cpus} threads")
         print(f"model only (onnxruntime, {model_line})".ljust(50) + f"{bound:7.1f} images/s")
         print(f"decode only, one process: (a) JPEG                {decode_a:7.1f} images/s")
         print(f"decode only, one process: (b) 16-bit PNG          {decode_b:7.1f} images/s")

@@ -161,18 +161,35 @@ def onnx_session(model_bytes: bytes, threads: int = 0, gpu: bool = False):
                            f"offers only {ort.get_available_providers()}: install onnxruntime-gpu "
                            "(the GPU image has it) or score with --gpu off")
     if gpu:
-        # CUDA and cuDNN from torch or the nvidia-* wheels where they are not on the library
-        # path. Best effort: whether CUDA started is checked below, with the message to act on.
-        try:
+        import torch  # noqa: F401 - loads the CUDA and cuDNN of torch's wheels, which
+        # onnxruntime-gpu then uses (one set of CUDA libraries in the image)
+
+        if hasattr(ort, "preload_dlls"):  # and those of the nvidia-* wheels torch did not
             ort.preload_dlls()
-        except Exception as error:  # noqa: BLE001 - reported through the check below
-            print(f"onnxruntime.preload_dlls: {error}")
     session = ort.InferenceSession(model_bytes, options, providers=providers)
     if gpu and session.get_providers()[0] != CUDA:
-        raise RuntimeError("onnxruntime-gpu could not start CUDA on this node (its CUDA and "
-                           "cuDNN libraries must match the driver; onnxruntime's log above says "
-                           "which failed): fix the image or score with --gpu off")
+        raise RuntimeError("onnxruntime-gpu could not start CUDA on this node "
+                           f"({cuda_mismatch() or 'see its log above'}): fix the image or "
+                           "score with --gpu off")
     return session
+
+
+def cuda_mismatch() -> str | None:
+    """Why onnxruntime-gpu cannot use the CUDA libraries torch brings, else None. It loads
+    them from torch's wheels, so the two must be built for one CUDA major (PyPI's torch
+    2.14.1 and onnxruntime-gpu 1.31.1 both are for CUDA 13). The GPU image checks this."""
+    import torch
+
+    try:
+        from onnxruntime.capi.build_and_package_info import cuda_version
+    except ImportError:
+        return "this onnxruntime is not onnxruntime-gpu"
+    if not torch.version.cuda:
+        return f"torch here is a CPU build; onnxruntime-gpu needs CUDA {cuda_version}"
+    if cuda_version.split(".")[0] != torch.version.cuda.split(".")[0]:
+        return (f"onnxruntime-gpu is built for CUDA {cuda_version}, torch here for CUDA "
+                f"{torch.version.cuda}: install a pair built for one CUDA major")
+    return None
 
 
 def score_on_gpu(policy: str, cluster: dict, providers: list[str] | None = None) -> bool:

@@ -280,6 +280,29 @@ def test_a_gpu_session_never_falls_back_to_the_cpu_silently():
         onnx_session(model, gpu=True)
 
 
+def test_the_cuda_of_onnxruntime_gpu_and_of_torch_must_agree(monkeypatch):
+    import sys
+    import types
+
+    import torch
+
+    from covidray.onnx_model import cuda_mismatch
+
+    monkeypatch.setitem(sys.modules, "onnxruntime.capi.build_and_package_info",
+                        types.SimpleNamespace(cuda_version="13.0"))
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    assert cuda_mismatch() is None
+    monkeypatch.setattr(torch.version, "cuda", "12.6")
+    assert "built for CUDA 13.0, torch here for CUDA 12.6" in cuda_mismatch()
+    monkeypatch.setattr(torch.version, "cuda", None)
+    assert "torch here is a CPU build" in cuda_mismatch()
+    monkeypatch.delitem(sys.modules, "onnxruntime.capi.build_and_package_info")
+    import onnxruntime
+
+    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+        assert cuda_mismatch() == "this onnxruntime is not onnxruntime-gpu"
+
+
 def test_gpu_on_a_cluster_without_gpus_fails_and_leaves_the_last_result(
         storage, trained_run, prefix, ray_local):
     model, output = RunLayout(trained_run["run"]).onnx, f"{prefix}/out"

@@ -174,7 +174,7 @@ SINGLE_DEFINITIONS = {
     "validation/test fractions": r"option\(0\.15",
     "training threshold": r"\bthreshold: float = option\(0\.5",
     "default seed": r"DEFAULT_SEED = ",
-    "scoring batch": r"option\(32,",
+    "scoring batch": r"inference_batch=128 if use_gpu else 32",
 }
 
 

@@ -70,7 +70,8 @@ class ScoreConfig:
                                    "view (the view_check column says which are not frontal)",
                         choices=VIEW_POLICIES)
     actors: int | None = option(None, "onnxruntime actors, exactly (default: sized from the "
-                                      "cluster, 1 up to one per 2 CPUs)")
+                                      "cluster: one per GPU when scoring on GPUs, else 1 up "
+                                      "to one per 2 CPUs)")
     allow_local_paths: bool = option(False, "let a manifest held in object storage name local "
                                             "paths, opened on the workers")
     incremental: bool = option(False, "score only what is new or changed (key + ETag/size) "
