@@ -98,6 +98,23 @@ def test_parity_check_fails_when_onnx_differs_from_torch():
                      .astype(np.float32))
 
 
+def test_training_images_decode_in_parallel_tasks_and_arrive_in_order(storage, trained_run,
+                                                                      ray_local):
+    """One block per batch of rows (one block would be one task on one CPU), delivered in
+    the index's order under Ray Train's ingest options."""
+    from covidray.stages.train import IMAGE_BATCH, ordered_ingest
+
+    splits = storage.read_table(RunLayout(trained_run["run"]).splits)
+    wanted = 3 * IMAGE_BATCH + 5
+    rows = pd.concat([splits] * (wanted // len(splits) + 1), ignore_index=True).head(wanted)
+    stream = image_stream(rows, storage)
+    stream.context.execution_options = ordered_ingest()
+    assert stream.materialize().num_blocks() == 4
+    arrived = pd.concat(b for b in stream.iter_batches(batch_format="pandas"))
+    assert list(arrived["uri"]) == list(rows["uri"])
+    assert (arrived["error"] == "").all()
+
+
 def test_training_export_and_scoring_preprocess_identically(storage, trained_run, ray_local):
     """The same file through the three real pipelines gives bit-identical model input."""
     layout = RunLayout(trained_run["run"])

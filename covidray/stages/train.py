@@ -215,13 +215,28 @@ def prepare_index(config: TrainConfig, storage: Storage):
 
 
 def image_stream(frame, storage: Storage, augmenter=None, data_cpus: float = 1.0):
-    """A Ray Dataset streaming index rows from storage through decode (+ augment) to pixels."""
+    """A Ray Dataset streaming index rows from storage through decode (+ augment) to pixels.
+    One block per batch of rows: each is its own task, so the cluster's CPUs decode in
+    parallel (one block would be one task on one CPU). Training reads it in order
+    (``preserve_order`` in :func:`fit`), so a seeded run repeats."""
     import ray.data
 
     columns = [c for c in INDEX_COLUMNS if c != "patient_id"]
-    return ray.data.from_pandas(frame[columns].reset_index(drop=True)).map_batches(
+    rows = frame[columns].reset_index(drop=True)
+    blocks = [rows.iloc[start:start + IMAGE_BATCH] for start in range(0, len(rows), IMAGE_BATCH)]
+    return ray.data.from_pandas(blocks or [rows]).map_batches(
         load_pixels, fn_kwargs={"storage": storage, "augmenter": augmenter},
         batch_format="numpy", batch_size=IMAGE_BATCH, num_cpus=data_cpus)
+
+
+def ordered_ingest():
+    """Ray Train's ingest options, with the blocks delivered in order: the epochs' seeded
+    local shuffle then starts from one order, and a one-worker run repeats exactly."""
+    import ray.train
+
+    options = ray.train.DataConfig.default_ingest_options()
+    options.preserve_order = True
+    return options
 
 
 def training_datasets(train_index, val_index, storage: Storage, augmenter,
@@ -336,7 +351,8 @@ def fit(config: TrainConfig, storage: Storage, ray_address: str | None = None) -
             resources_per_worker={"CPU": plan.worker_cpus,
                                   **({"GPU": plan.worker_gpus} if config.use_gpu else {})}),
         datasets=datasets,
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"],
+                                            execution_options=ordered_ingest()),
         run_config=ray.train.RunConfig(
             name=f"train-{time.strftime('%Y%m%d-%H%M%S')}",
             storage_path=checkpoints.fs_path,
