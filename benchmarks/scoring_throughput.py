@@ -178,7 +178,9 @@ def main() -> None:
     import torch
 
     machine = {"CPU": cpus, "GPU": torch.cuda.device_count()}
-    gpu = score_on_gpu("auto", machine)
+    import onnxruntime
+
+    gpu = score_on_gpu("auto", machine, onnxruntime.get_available_providers)  # this machine
     batch = plan_resources(machine, use_gpu=gpu).inference_batch  # the batches scoring uses
     directory = tempfile.mkdtemp(prefix="covidray-bench-")
     os.environ.update(ray_head.token_env(directory))

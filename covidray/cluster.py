@@ -66,6 +66,24 @@ def plan_resources(cluster: dict, workers: int = 1, use_gpu: bool = False) -> Re
     )
 
 
+def providers_on_gpu_nodes(ray, timeout: float = 60.0) -> list[str] | None:
+    """onnxruntime's execution providers on a node that holds a GPU (the image there may
+    differ from the driver's), asked by a task reserving 1% of a GPU; None when none ran it
+    within ``timeout`` seconds."""
+    @ray.remote(num_cpus=0, num_gpus=0.01)
+    def providers() -> list[str]:
+        import onnxruntime
+
+        return onnxruntime.get_available_providers()
+
+    probe = providers.remote()
+    try:
+        return ray.get(probe, timeout=timeout)
+    except ray.exceptions.GetTimeoutError:
+        ray.cancel(probe, force=True)
+        return None
+
+
 def alive_nodes(ray) -> int:
     return sum(1 for node in ray.nodes() if node.get("Alive"))
 

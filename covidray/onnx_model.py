@@ -192,30 +192,30 @@ def cuda_mismatch() -> str | None:
     return None
 
 
-def score_on_gpu(policy: str, cluster: dict, providers: list[str] | None = None) -> bool:
+def score_on_gpu(policy: str, cluster: dict, gpu_node_providers) -> bool:
     """Whether scoring runs its onnxruntime actors on GPUs: ``policy`` (``--gpu``) against the
-    cluster's resources and this process's onnxruntime (the nodes run the same image)."""
+    cluster's resources and the onnxruntime of its GPU nodes. ``gpu_node_providers()`` asks
+    one of them (the driver may run a CPU image beside GPU workers) and returns its
+    onnxruntime's providers, or None when no GPU node answered (every GPU reserved)."""
     if policy not in GPU_POLICIES:
         raise ValueError(f"--gpu {policy}: expected one of {', '.join(GPU_POLICIES)}")
-    if policy == "off":
-        return False
-    if providers is None:
-        import onnxruntime as ort
-
-        providers = ort.get_available_providers()
     gpus = float(cluster.get("GPU", 0.0))
-    if policy == "on" and gpus < 1:
+    if policy == "off" or (policy == "auto" and gpus < 1):
+        return False
+    if gpus < 1:
         raise ValueError("--gpu on, but the Ray cluster has no GPU: add GPU nodes, or score "
                          "with --gpu auto or off")
-    if gpus >= 1 and CUDA not in providers:
-        if policy == "on":
-            raise ValueError("--gpu on, but onnxruntime here has no CUDA provider: install "
-                             "onnxruntime-gpu (the GPU image has it)")
-        print(f"the cluster has {gpus:g} GPU(s) but onnxruntime here has no CUDA provider: "
-              "scoring on CPUs (install onnxruntime-gpu to use them; --gpu off says this is "
-              "meant)")
-        return False
-    return gpus >= 1
+    providers = gpu_node_providers()
+    if providers is not None and CUDA in providers:
+        return True
+    why = ("no GPU node answered (are all its GPUs reserved?)" if providers is None else
+           "onnxruntime on the GPU nodes has no CUDA provider (install onnxruntime-gpu: the "
+           "GPU image has it)")
+    if policy == "on":
+        raise ValueError(f"--gpu on, but {why}")
+    print(f"the cluster has {gpus:g} GPU(s), but {why}: scoring on CPUs (--gpu off says this "
+          "is meant)", flush=True)
+    return False
 
 
 def parity_check(model, model_bytes: bytes, inputs: np.ndarray,

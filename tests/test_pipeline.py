@@ -269,21 +269,51 @@ def test_keys_with_question_marks_and_hashes_are_scored_from_their_own_bytes(
     assert predictions["score"].nunique() == 3  # three different images, three scores
 
 
-def test_scoring_uses_gpus_only_where_onnxruntime_can(capsys):
-    cuda = ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    cpu_only = ["CPUExecutionProvider"]
+def test_scoring_uses_gpus_only_where_the_gpu_nodes_onnxruntime_can(capsys):
+    cuda = lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"]  # noqa: E731
+    cpu_only = lambda: ["CPUExecutionProvider"]  # noqa: E731
+    nobody = lambda: None  # noqa: E731 - no GPU node answered the probe
     gpus, no_gpus = {"CPU": 16.0, "GPU": 1.0}, {"CPU": 16.0}
     assert score_on_gpu("auto", gpus, cuda) is True
-    assert score_on_gpu("auto", no_gpus, cuda) is False
-    assert score_on_gpu("off", gpus, cuda) is False
     assert score_on_gpu("on", gpus, cuda) is True
+    assert score_on_gpu("off", gpus, cuda) is False
+    asked = []
+    assert score_on_gpu("auto", no_gpus, lambda: asked.append(1)) is False
+    assert not asked  # no GPU, no probe
     capsys.readouterr()
     assert score_on_gpu("auto", gpus, cpu_only) is False  # slower, not wrong: said, not failed
-    assert "has 1 GPU(s) but onnxruntime here has no CUDA provider" in capsys.readouterr().out
+    assert "the GPU nodes has no CUDA provider" in capsys.readouterr().out
+    assert score_on_gpu("auto", gpus, nobody) is False
+    assert "no GPU node answered" in capsys.readouterr().out
     with pytest.raises(ValueError, match="--gpu on, but the Ray cluster has no GPU"):
         score_on_gpu("on", no_gpus, cuda)
-    with pytest.raises(ValueError, match="install onnxruntime-gpu"):
+    with pytest.raises(ValueError, match="--gpu on, but onnxruntime on the GPU nodes has no CUDA"):
         score_on_gpu("on", gpus, cpu_only)
+    with pytest.raises(ValueError, match="--gpu on, but no GPU node answered"):
+        score_on_gpu("on", gpus, nobody)
+
+
+def test_the_probe_asks_a_node_that_holds_a_gpu_and_gives_up_when_none_can_answer():
+    """On a real Ray instance that declares one GPU (none is used), then on one with none."""
+    import subprocess
+    import sys
+
+    import onnxruntime
+
+    script = """
+import ray
+from covidray.cluster import providers_on_gpu_nodes
+for gpus, timeout in ((1, 60), (0, 3)):
+    ray.init(address="local", num_cpus=1, num_gpus=gpus, include_dashboard=False,
+             logging_level="ERROR")
+    print("GPUS", gpus, providers_on_gpu_nodes(ray, timeout), flush=True)
+    ray.shutdown()
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=300)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("GPUS")]
+    assert lines == [f"GPUS 1 {onnxruntime.get_available_providers()}", "GPUS 0 None"], \
+        done.stdout + done.stderr[-2000:]
 
 
 def test_a_gpu_session_never_falls_back_to_the_cpu_silently():

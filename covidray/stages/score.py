@@ -62,8 +62,9 @@ class ScoreConfig:
                                            "else the model's training default)")
     batch_size: int | None = option(None, "images per inference batch (default: 32 on CPUs, "
                                           "128 on a GPU)")
-    gpu: str = option("auto", "auto: where the cluster has GPUs and onnxruntime here has CUDA, "
-                              "one onnxruntime actor per GPU; on: that, or fail; off: CPUs only",
+    gpu: str = option("auto", "auto: where the cluster has GPUs and onnxruntime on its GPU "
+                              "nodes has CUDA, one onnxruntime actor per GPU; on: that, or "
+                              "fail; off: CPUs only",
                       choices=GPU_POLICIES)
     views: str = option("frontal", "frontal: a lateral view (DICOM ViewPosition LL/RL/LATERAL) "
                                    "goes to errors, 'lateral view skipped'; all: score every "
@@ -231,7 +232,7 @@ def score_archive(config: ScoreConfig, storage: Storage, ray_address: str | None
     # Sized now, so that a --gpu the cluster cannot meet fails before the output is touched.
     from covidray.cluster import connect_ray
 
-    plan = scoring_plan(config, connect_ray(ray_address).cluster_resources())
+    plan = scoring_plan(config, connect_ray(ray_address))
     with Lease(storage, base.lease, config.lease_seconds, f"covidray score {run_id}") as lease:
         run = Run(config, storage, ray_address, run_id, threshold, model_bytes, lease, plan)
         summary = run.incremental() if config.incremental else run.whole()
@@ -246,11 +247,13 @@ def score_archive(config: ScoreConfig, storage: Storage, ray_address: str | None
     return summary
 
 
-def scoring_plan(config: ScoreConfig, cluster: dict):
-    """Actors, threads, GPUs and batch size for scoring, sized from ``cluster``; says which."""
-    from covidray.cluster import plan_resources
+def scoring_plan(config: ScoreConfig, ray):
+    """Actors, threads, GPUs and batch size for scoring, sized from the cluster; says which."""
+    from covidray.cluster import plan_resources, providers_on_gpu_nodes
 
-    plan = plan_resources(cluster, use_gpu=score_on_gpu(config.gpu, cluster))
+    cluster = ray.cluster_resources()
+    on_gpu = score_on_gpu(config.gpu, cluster, lambda: providers_on_gpu_nodes(ray))
+    plan = plan_resources(cluster, use_gpu=on_gpu)
     where = "a GPU" if plan.inference_gpus else f"{plan.inference_threads} CPU thread(s)"
     print(f"scoring with up to {config.actors or plan.scoring_actors} onnxruntime actor(s), "
           f"each on {where}, batches of {config.batch_size or plan.inference_batch}", flush=True)
