@@ -35,8 +35,9 @@ def plan_resources(cluster: dict, workers: int = 1, use_gpu: bool = False) -> Re
 
     With ``use_gpu`` each training worker holds a GPU, and inference (scoring, backbone
     features) runs one actor per whole GPU with bigger batches, every CPU left to decoding.
-    Ray hides the GPUs from an actor that does not reserve one (``CUDA_VISIBLE_DEVICES`` is
-    emptied), so inference on a GPU must reserve it."""
+    Inference on a GPU must reserve it: Ray then sets the actor's ``CUDA_VISIBLE_DEVICES`` to
+    its own GPU, while an actor that reserves none sees every GPU of its node (Ray 2.60
+    leaves the variable alone) and would crowd onto the first, outside Ray's accounting."""
     cpus = float(cluster.get("CPU", 1.0))
     gpus = float(cluster.get("GPU", 0.0))
     if workers < 1:

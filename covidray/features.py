@@ -44,10 +44,11 @@ def extract_features(model: nn.Module, inputs: np.ndarray) -> np.ndarray:
 class BackboneFeatures:
     """Ray Data callable: loaded image batch -> the same rows with ``features`` instead of pixels."""
 
-    def __init__(self, weights: str, seed: int, storage: Storage, threads: int = 1):
+    def __init__(self, weights: str, seed: int, storage: Storage, threads: int = 1,
+                 device: str = "cpu"):
         torch.set_num_threads(threads)
-        # A GPU where Ray gave this actor one (it hides the GPUs from actors that reserve none).
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        # "cuda" only in an actor that reserved a GPU: Ray then shows it that GPU alone (an
+        # actor that reserved none still sees every GPU of its node, used by others).
         self.model = initial_model(weights, seed, storage).eval().to(device)
         self.width = head(self.model).in_features
 

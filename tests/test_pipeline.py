@@ -301,19 +301,23 @@ def test_the_probe_asks_a_node_that_holds_a_gpu_and_gives_up_when_none_can_answe
     import onnxruntime
 
     script = """
+import os
 import ray
 from covidray.cluster import providers_on_gpu_nodes
 for gpus, timeout in ((1, 60), (0, 3)):
     ray.init(address="local", num_cpus=1, num_gpus=gpus, include_dashboard=False,
              logging_level="ERROR")
     print("GPUS", gpus, providers_on_gpu_nodes(ray, timeout), flush=True)
+    if gpus:  # what a GPU actor relies on: Ray shows it its own GPU
+        shown = ray.remote(num_gpus=1)(lambda: os.environ.get("CUDA_VISIBLE_DEVICES"))
+        print("VISIBLE", ray.get(shown.remote()), flush=True)
     ray.shutdown()
 """
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           timeout=300)
-    lines = [line for line in done.stdout.splitlines() if line.startswith("GPUS")]
-    assert lines == [f"GPUS 1 {onnxruntime.get_available_providers()}", "GPUS 0 None"], \
-        done.stdout + done.stderr[-2000:]
+    lines = [line for line in done.stdout.splitlines() if line.startswith(("GPUS", "VISIBLE"))]
+    assert lines == [f"GPUS 1 {onnxruntime.get_available_providers()}", "VISIBLE 0",
+                     "GPUS 0 None"], done.stdout + done.stderr[-2000:]
 
 
 def test_a_gpu_session_never_falls_back_to_the_cpu_silently():

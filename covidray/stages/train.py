@@ -264,7 +264,8 @@ def cache_features(datasets: dict, config: TrainConfig, storage: Storage, plan,
             BackboneFeatures, batch_format="numpy", batch_size=IMAGE_BATCH, num_cpus=plan.data_cpus,
             num_gpus=plan.inference_gpus,
             fn_constructor_kwargs={"weights": config.weights, "seed": config.seed,
-                                   "storage": storage, "threads": plan.inference_threads},
+                                   "storage": storage, "threads": plan.inference_threads,
+                                   "device": "cuda" if plan.inference_gpus else "cpu"},
             compute=ray.data.ActorPoolStrategy(min_size=1, max_size=plan.scoring_actors),
         ).write_parquet(target.fs_path, filesystem=storage.filesystem(target))
         # Small (2 KB an image): hold them in the object store, so epochs do not re-read storage.
