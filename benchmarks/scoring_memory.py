@@ -38,7 +38,6 @@ BUCKET = "s3://covidray-memory"
 FOLDERS = 10
 
 
-
 def tiny_model() -> bytes:
     """An ONNX model with covidray's input, output and metadata, and almost no compute."""
     from torch import nn

@@ -82,34 +82,38 @@ def upload_archive(storage: Storage, root: str, count: int, distinct: list[bytes
     return storage.write_table(f"{root}/manifest.csv", pd.DataFrame({"uri": uris}))
 
 
+def best_rate(work, images: int, windows: int) -> float:
+    """Images/s of the fastest of ``windows`` runs of ``work()``: a bound must not drop
+    because something else on the machine woke up while it was timed."""
+    seconds = []
+    for _ in range(windows):
+        started = time.perf_counter()
+        work()
+        seconds.append(time.perf_counter() - started)
+    return images / min(seconds)
+
+
 def model_only(model: bytes, threads: int, gpu: bool, batch: int, batches: int = 8,
                windows: int = 3) -> float:
-    """The best of ``windows`` timings: a bound must not drop because something else on the
-    machine woke up while it was timed."""
     session = onnx_session(model, threads, gpu)
     x = np.random.default_rng(0).normal(size=(batch, 3, 224, 224)).astype(np.float32)
     session.run(None, {"input": x})  # warm-up
-    rates = []
-    for _ in range(windows):
-        started = time.perf_counter()
+
+    def run():
         for _ in range(batches):
             session.run(None, {"input": x})
-        rates.append(batch * batches / (time.perf_counter() - started))
-    return max(rates)
+    return best_rate(run, batch * batches, windows)
 
 
 def decode_only(storage: Storage, manifest: str, count: int, windows: int = 2) -> float:
-    """Best of ``windows`` timings, as :func:`model_only`."""
     uris = storage.read_table(manifest)["uri"].head(count).to_numpy()
     load_pixels({"uri": uris[:8]}, storage)  # warm-up
-    rates = []
-    for _ in range(windows):
-        started = time.perf_counter()
+
+    def run():
         for start in range(0, len(uris), 32):
             out = load_pixels({"uri": uris[start:start + 32]}, storage)
             assert (out["error"] == "").all(), out["error"]
-        rates.append(len(uris) / (time.perf_counter() - started))
-    return max(rates)
+    return best_rate(run, len(uris), windows)
 
 
 def measure_bounds(model: bytes, cpus: int, gpu: bool, batch: int, storage: Storage,
@@ -122,20 +126,18 @@ def measure_bounds(model: bytes, cpus: int, gpu: bool, batch: int, storage: Stor
 def decode_in_ray(storage: Storage, manifest: str, staging: str, gpu: bool,
                   windows: int = 2) -> float:
     """The scoring pipeline up to the model (its index parts, its decode tasks and their
-    reservation) on the whole cluster, the batches only counted; best of ``windows``."""
+    reservation) on the whole cluster, the batches only counted."""
     import ray
 
     listed = snapshot_index(storage, manifest, staging)
     plan = plan_resources(ray.cluster_resources(), use_gpu=gpu)
-    rates = []
-    for _ in range(windows):
-        started = time.perf_counter()
+
+    def run():
         decoded = sum(len(b["error"]) for b in loaded_images(
             storage, staged(staging), plan.inference_batch, plan.decode_cpus)
             .iter_batches(batch_size=None))
         assert decoded == listed, (decoded, listed)
-        rates.append(listed / (time.perf_counter() - started))
-    return max(rates)
+    return best_rate(run, listed, windows)
 
 
 def overlapped_one_process(storage: Storage, manifest: str, model: bytes, threads: int,

@@ -156,11 +156,12 @@ def onnx_session(model_bytes: bytes, threads: int = 0, gpu: bool = False):
         # Idle threads sleep instead of spinning: they share the cores with decoding.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     providers = [CUDA, "CPUExecutionProvider"] if gpu else ["CPUExecutionProvider"]
-    if gpu and CUDA not in ort.get_available_providers():
-        raise RuntimeError(f"scoring on a GPU needs onnxruntime-gpu, but this node's onnxruntime "
-                           f"offers only {ort.get_available_providers()}: install onnxruntime-gpu "
-                           "(the GPU image has it) or score with --gpu off")
     if gpu:
+        if CUDA not in ort.get_available_providers():
+            raise RuntimeError("scoring on a GPU needs onnxruntime-gpu, but this node's "
+                               f"onnxruntime offers only {ort.get_available_providers()}: "
+                               "install onnxruntime-gpu (the GPU image has it) or score with "
+                               "--gpu off")
         import torch  # noqa: F401 - loads the CUDA and cuDNN of torch's wheels, which
         # onnxruntime-gpu then uses (one set of CUDA libraries in the image)
 

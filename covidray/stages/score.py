@@ -19,7 +19,7 @@ import hashlib
 import io
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pandas as pd
@@ -248,15 +248,17 @@ def score_archive(config: ScoreConfig, storage: Storage, ray_address: str | None
 
 
 def scoring_plan(config: ScoreConfig, ray):
-    """Actors, threads, GPUs and batch size for scoring, sized from the cluster; says which."""
+    """Actors, threads, GPUs and batch size (``--batch-size`` where given) for scoring, sized
+    from the cluster; says which."""
     from covidray.cluster import plan_resources, providers_on_gpu_nodes
 
     cluster = ray.cluster_resources()
     on_gpu = score_on_gpu(config.gpu, cluster, lambda: providers_on_gpu_nodes(ray))
     plan = plan_resources(cluster, use_gpu=on_gpu)
+    plan = replace(plan, inference_batch=config.batch_size or plan.inference_batch)
     where = "a GPU" if plan.inference_gpus else f"{plan.inference_threads} CPU thread(s)"
     print(f"scoring with up to {config.actors or plan.scoring_actors} onnxruntime actor(s), "
-          f"each on {where}, batches of {config.batch_size or plan.inference_batch}", flush=True)
+          f"each on {where}, batches of {plan.inference_batch}", flush=True)
     return plan
 
 
@@ -337,8 +339,7 @@ class Run:
 
         self.connect()
         plan = self.plan
-        batch_size = self.config.batch_size or plan.inference_batch
-        results = (loaded_images(self.storage, index, batch_size, plan.decode_cpus,
+        results = (loaded_images(self.storage, index, plan.inference_batch, plan.decode_cpus,
                                  self.config.views)
                    .map_batches(OnnxScorer,
                                 fn_constructor_kwargs={"model": self.model_bytes,
@@ -347,7 +348,7 @@ class Run:
                                                        "threads": plan.inference_threads,
                                                        "gpu": plan.inference_gpus > 0,
                                                        "keep": (*CARRIED, *LOADED_COLUMNS)},
-                                batch_format="numpy", batch_size=batch_size,
+                                batch_format="numpy", batch_size=plan.inference_batch,
                                 # Not the decode tasks' reservation: Ray Data would fuse
                                 # them into the actor, and decoding would wait on inference.
                                 num_cpus=plan.inference_actor_cpus,

@@ -102,17 +102,22 @@ def _bindable(port: int) -> bool:
     return True
 
 
+def _random_port(low: int, high: int, fits, what: str) -> int:
+    """A random port in [low, high) for which ``fits(port)`` holds."""
+    import random
+
+    for _ in range(200):
+        port = random.randrange(low, high)
+        if fits(port):
+            return port
+    raise SystemExit(f"no free local ports for {what}")
+
+
 def free_port() -> int:
     """A free port for the S3 endpoint of a throwaway server (tests, benchmarks): below the
     kernel's ephemeral range, as :func:`_free_port_pair`, and apart from its ports, so a
     server restarted on it finds it still free."""
-    import random
-
-    for _ in range(200):
-        port = random.randrange(23000, 30000)
-        if _bindable(port):
-            return port
-    raise SystemExit("no free local port for the S3 server")
+    return _random_port(23000, 30000, _bindable, "the S3 server")
 
 
 def _free_port_pair(taken: set) -> int:
@@ -120,14 +125,10 @@ def _free_port_pair(taken: set) -> int:
     kernel's ephemeral range (32768 and up here): a port there can be taken between this
     check and weed's start by any outgoing connection (Ray's, boto3's), failing the start.
     Above Ray's worker ports (10002-19999)."""
-    import random
-
-    for _ in range(200):
-        port = random.randrange(20000, 22768)
-        if port not in taken and _bindable(port) and _bindable(port + 10000):
-            taken.add(port)
-            return port
-    raise SystemExit("no free local ports for the S3 server's internal services")
+    port = _random_port(20000, 22768, lambda p: p not in taken and _bindable(p)
+                        and _bindable(p + 10000), "the S3 server's internal services")
+    taken.add(port)
+    return port
 
 
 def _ready(env: dict) -> bool:
