@@ -7,6 +7,8 @@ data is the one nightly scoring applies.
 
 from __future__ import annotations
 
+import hashlib
+
 import pandas as pd
 
 from covidray.images import RECIPE
@@ -15,6 +17,17 @@ from covidray.labels import LABELS, POSITIVE_LABEL
 INTENDED_USE = ("Research and triage support on chest X-rays only: ranks images for review. "
                 "Not a diagnostic device; not validated for clinical decisions. Check the "
                 "threshold on validation data from the site that uses it.")
+
+
+class StaleModelCard(ValueError):
+    """The model card beside a model describes another model: its threshold was validated on
+    that model's scores, not this one's."""
+
+
+def model_digest(model_bytes: bytes) -> str:
+    """Which model this is: the first 16 hex digits of the SHA-256 of the ``.onnx`` file. The
+    model card and the nightly state record it; scoring checks both against it."""
+    return hashlib.sha256(model_bytes).hexdigest()[:16]
 
 
 def data_summary(splits: pd.DataFrame) -> dict:
@@ -27,12 +40,15 @@ def data_summary(splits: pd.DataFrame) -> dict:
     return summary
 
 
-def build_model_card(model_uri: str, metadata: dict, splits: pd.DataFrame, result: dict) -> dict:
-    """The card of the exported model ``model_uri`` from its ONNX ``metadata``, the run's
-    ``splits`` and an evaluation ``result`` (:func:`covidray.evaluation.evaluate_split`)."""
+def build_model_card(model_uri: str, digest: str, metadata: dict, splits: pd.DataFrame,
+                     result: dict) -> dict:
+    """The card of the exported model ``model_uri`` (``digest``: its :func:`model_digest`,
+    which scoring checks) from its ONNX ``metadata``, the run's ``splits`` and an evaluation
+    ``result`` (:func:`covidray.evaluation.evaluate_split`)."""
     operating = result["operating_point"]
     return {
         "model": model_uri,
+        "model_digest": digest,
         "architecture": "torchvision ResNet18, 2-class head",
         "inputs": {"name": "input", "shape": ["N", 3, 224, 224], "dtype": "float32",
                    "preprocessing": RECIPE},
@@ -62,12 +78,24 @@ def _rates(entry: dict) -> dict:
                                       "specificity", "specificity_ci95", "tp", "fp", "tn", "fn")}
 
 
-def scoring_threshold(given: float | None, card: dict | None, metadata: dict) -> tuple[float, str]:
+def scoring_threshold(given: float | None, card: dict | None, metadata: dict,
+                      digest: str, card_uri: str = "the model card") -> tuple[float, str]:
     """The threshold a scoring run applies, and where it came from: the command line, else
-    the model card's validated operating point, else the training default in the model."""
+    the model card's validated operating point, else the training default in the model.
+
+    A card written for another model (re-exported, quantized, or retrained since it was
+    evaluated; ``digest`` is this model's :func:`model_digest`) raises
+    :class:`StaleModelCard`: its threshold was chosen on another model's scores, and falling
+    back to the training default would change the operating point just as silently."""
     if given is not None:
         return float(given), "--threshold"
     if card is not None:
+        if card.get("model_digest") != digest:
+            raise StaleModelCard(
+                f"{card_uri} describes another model (digest {card.get('model_digest')}; this "
+                f"model's is {digest}): it was re-exported, quantized or retrained after "
+                "`covidray evaluate` chose that threshold. Run `covidray evaluate --run RUN` "
+                "for this model, or pass --threshold")
         point = card["operating_point"]
         return float(point["threshold"]), f"model card ({point['how']})"
     return float(metadata["threshold"]), ("model metadata: the training default, not validated "

@@ -188,3 +188,32 @@ def test_the_model_card_carries_the_validated_threshold_to_scoring(storage, eval
     overridden = score_archive(ScoreConfig(archive, run.onnx, f"{prefix}/given", threshold=0.3),
                                storage)
     assert (overridden["threshold"], overridden["threshold_source"]) == (0.3, "--threshold")
+
+
+def test_a_model_card_of_another_model_stops_scoring_and_leaves_the_last_result(
+        storage, evaluated, prefix):
+    """Re-exported after `evaluate` (another model.onnx beside the old card): the card's
+    threshold was validated on the old model's scores, so scoring refuses it, before the
+    output is touched, rather than apply it or fall back to the training default."""
+    import onnx
+
+    from covidray.model_card import StaleModelCard, model_digest
+
+    run = RunLayout(evaluated["run"])
+    card = storage.read_json(run.model_card)
+    assert card["model_digest"] == model_digest(storage.read_bytes(run.onnx))
+    model, output = f"{prefix}/model/model.onnx", f"{prefix}/out"
+    storage.write_bytes(model, storage.read_bytes(run.onnx))
+    storage.write_bytes(f"{prefix}/model/model_card.json", storage.read_bytes(run.model_card))
+    archive = evaluated["layout"].manifest("test")
+    first = score_archive(ScoreConfig(archive, model, output), storage)
+    assert first["threshold_source"].startswith("model card")
+
+    proto = onnx.load_from_string(storage.read_bytes(run.onnx))  # "re-exported": new bytes
+    proto.metadata_props.add(key="covidray.note", value="exported again")
+    storage.write_bytes(model, proto.SerializeToString())
+    with pytest.raises(StaleModelCard, match=r"describes another model .* pass --threshold"):
+        score_archive(ScoreConfig(archive, model, output), storage)
+    assert storage.read_json(ScoreLayout(output).success)["run"] == first["run"]
+    given = score_archive(ScoreConfig(archive, model, output, threshold=0.3), storage)
+    assert (given["threshold_source"], given["scored"]) == ("--threshold", first["scored"])

@@ -57,12 +57,16 @@ def evaluate_run(config: EvaluateConfig, storage: Storage, ray_address: str | No
     run, layout = RunLayout(config.run), config.layout
     storage.write_json(layout.config, to_dict(config))
     splits = storage.read_table(run.splits)
-    tables = {}
+    metadata = storage.read_json(run.export_report)["metadata"]
+    tables, digests = {}, set()
     for split in EVALUATED_SPLITS:
         manifest = storage.write_table(layout.manifest(split), split_rows(splits, split))
         scores = layout.scores(split)
-        score_archive(ScoreConfig(archive=manifest, model=run.onnx, output=scores), storage,
-                      ray_address)
+        # The training default, explicitly: the card beside the model is what this
+        # evaluation writes (a card of an earlier model must not set its predictions).
+        digests.add(score_archive(ScoreConfig(archive=manifest, model=run.onnx, output=scores,
+                                              threshold=float(metadata["threshold"])),
+                                  storage, ray_address)["model_digest"])
         predictions = storage.read_parquet_dir(ScoreLayout(scores).predictions)
         tables[split] = labelled(with_columns(predictions, splits, config.breakdown_columns))
     test = tables["test"]
@@ -70,7 +74,6 @@ def evaluate_run(config: EvaluateConfig, storage: Storage, ray_address: str | No
                if c in test.columns and (test[c] != "unknown").any()]
     result = evaluate_split(tables["val"], test, config.target_sensitivity, columns,
                             config.bootstrap)
-    metadata = storage.read_json(run.export_report)["metadata"]
     result.update(run=config.run, weights=metadata["weights"], eval_dir=layout.root,
                   config=to_dict(config))
     pngs = {"forest.png": figures.forest_png(result["breakdown"],
@@ -78,7 +81,10 @@ def evaluate_run(config: EvaluateConfig, storage: Storage, ray_address: str | No
     if config.saliency or config.audit:
         pngs.update(inspect_model(config, storage, run, tables, result))
     write_report(storage, layout, result, test, pngs)
-    storage.write_json(run.model_card, build_model_card(run.onnx, metadata, splits, result))
+    if len(digests) != 1:
+        raise RuntimeError(f"{run.onnx} changed while it was evaluated: no model card written")
+    storage.write_json(run.model_card, build_model_card(run.onnx, digests.pop(), metadata, splits,
+                                                        result))
     return {**headline(result, layout), "model_card": run.model_card}
 
 

@@ -15,7 +15,6 @@ part without ``_SUCCESS.json``; the next run adopts what it wrote instead of res
 
 from __future__ import annotations
 
-import hashlib
 import io
 import time
 import uuid
@@ -35,7 +34,7 @@ from covidray.layout import ScoreLayout, model_card_beside
 from covidray.lease import Lease
 from covidray.metrics import (PAPER_THRESHOLDS, ScoreSummary, SortedAUC, metrics_report,
                               sweep_csv, sweep_thresholds)
-from covidray.model_card import scoring_threshold
+from covidray.model_card import model_digest, scoring_threshold
 from covidray.onnx_model import GPU_POLICIES, OnnxScorer, score_on_gpu
 from covidray.storage import Location, Storage, StorageError
 from covidray.views import VIEW_POLICIES
@@ -223,7 +222,8 @@ def score_archive(config: ScoreConfig, storage: Storage, ray_address: str | None
     metadata = OnnxScorer(model_bytes, config.model).metadata
     card_uri = model_card_beside(config.model)
     card = storage.read_json(card_uri) if storage.exists(card_uri) else None
-    threshold, threshold_source = scoring_threshold(config.threshold, card, metadata)
+    threshold, threshold_source = scoring_threshold(config.threshold, card, metadata,
+                                                    model_digest(model_bytes), card_uri)
     print(f"threshold {threshold:.4g} from {threshold_source}", flush=True)
     run_id = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
     base = ScoreLayout(output)
@@ -271,7 +271,7 @@ class Run:
         self.plan = plan
         self.run_id, self.threshold, self.lease = run_id, threshold, lease
         self.model_bytes = model_bytes
-        self.model_digest = hashlib.sha256(model_bytes).hexdigest()[:16]
+        self.model_digest = model_digest(model_bytes)
         self.base = ScoreLayout(config.output)
         self.layout = (ScoreLayout(self.base.run_part(run_id)) if config.incremental
                        else self.base)
