@@ -2,10 +2,11 @@
 
 An object is identified by ``(uri, etag, size)`` (ETag and size come with every S3 listing;
 a manifest row without them is known by its URI alone). The *state table* of a scoring
-output lists every object scored so far, sorted by URI, in Parquet parts; each run merges
-its own rows in and writes a new generation. Both the archive listing and the state are
-consumed as URI-sorted streams, so working out the new objects takes memory independent
-of the archive's size.
+output is also its cumulative view: one row per object scored so far, with its latest
+result (the run that scored it, its score, prediction and threshold, or why it failed),
+sorted by URI, in Parquet parts of one schema; each run merges its own rows in and writes a
+new generation. Both the archive listing and the state are consumed as URI-sorted streams,
+so working out the new objects takes memory independent of the archive's size.
 """
 
 from __future__ import annotations
@@ -13,10 +14,31 @@ from __future__ import annotations
 from typing import Iterable, Iterator
 
 import pandas as pd
+import pyarrow as pa
 
-STATE_COLUMNS = ["uri", "etag", "size", "run"]
 KEY = ("uri", "etag", "size")
+RESULT_COLUMNS = ["label", "source", "score", "prediction", "threshold", "error"]
+STATE_SCHEMA = pa.schema([("uri", pa.string()), ("etag", pa.string()), ("size", pa.int64()),
+                          ("run", pa.string()), ("label", pa.string()), ("source", pa.string()),
+                          ("score", pa.float64()), ("prediction", pa.string()),
+                          ("threshold", pa.float64()), ("error", pa.string())])
+STATE_COLUMNS = STATE_SCHEMA.names  # the key, the run, then RESULT_COLUMNS
 UNKNOWN_ETAG, UNKNOWN_SIZE = "", -1  # a manifest row without them: known by URI alone
+
+
+def state_table(part: pd.DataFrame, run: str) -> pa.Table:
+    """A ``predictions`` or ``errors`` part of ``run`` as state rows: a scored object has an
+    empty ``error``, a failed one no score, prediction or threshold."""
+    fill = {"score": None, "prediction": None, "threshold": None, "error": ""}
+    data = {name: part[name].tolist() if name in part else [fill.get(name)] * len(part)
+            for name in STATE_COLUMNS if name != "run"}
+    return pa.Table.from_pydict({**data, "run": [run] * len(part)}, schema=STATE_SCHEMA)
+
+
+def state_frame(frame: pd.DataFrame) -> pd.DataFrame:
+    """A state part as read back, in the state's columns (a part written before the state
+    carried results has only the key and the run: its results read as missing)."""
+    return frame.reindex(columns=STATE_COLUMNS)
 
 
 def rows(frames: Iterable[pd.DataFrame], columns=KEY) -> Iterator[tuple]:

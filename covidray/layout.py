@@ -29,7 +29,9 @@ a **scoring output** (``covidray score --output``)::
     <output>/_LEASE.json             held by the run in progress
   and with ``--incremental`` (nightly runs) the same per run, plus the cumulative view:
     <output>/runs/<run>/...          one dated part per run (config, predictions, errors, ...)
-    <output>/state/<run>/*.parquet   every object scored so far (uri, etag, size, run), sorted
+    <output>/state/<run>/*.parquet   the cumulative view: one row per object scored so far,
+                                     its latest result (uri, etag, size, run, label, source,
+                                     score, prediction, threshold, error), URI-sorted
     <output>/_CURRENT.json           committed runs and the latest state: what readers use
 
 an **evaluation directory** (``covidray evaluate``; ``<run>/eval`` by default)::
@@ -188,7 +190,8 @@ class ScoreLayout(_Layout):
         return self._at("state")
 
     def state(self, run_id: str) -> str:
-        """The state table after ``run_id``: every object scored so far, URI-sorted."""
+        """The state table after ``run_id`` (the cumulative view): every object scored so
+        far with its latest result, URI-sorted."""
         return self._at("state", run_id)
 
 

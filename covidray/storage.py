@@ -436,12 +436,13 @@ class Storage:
 
         return pq.read_table(io.BytesIO(self.read_bytes(uri)))
 
-    def write_table(self, uri: str, frame) -> str:
-        """Write a DataFrame as one CSV or Parquet object (by the URI's suffix), atomically."""
+    def write_table(self, uri: str, frame, schema=None) -> str:
+        """Write a DataFrame as one CSV or Parquet object (by the URI's suffix), atomically;
+        Parquet in ``schema`` (a pyarrow schema) where given."""
         if uri.lower().endswith(".csv"):
             return self.write_bytes(uri, frame.to_csv(index=False).encode(), "text/csv")
         buffer = io.BytesIO()
-        frame.to_parquet(buffer, index=False)
+        frame.to_parquet(buffer, index=False, schema=schema)
         return self.write_bytes(uri, buffer.getvalue())
 
     def read_parquet_dir(self, uri: str, columns: list[str] | None = None):

@@ -10,9 +10,10 @@ import time
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pytest
 
-from covidray.incremental import merged_state, not_yet_scored
+from covidray.incremental import STATE_SCHEMA, merged_state, not_yet_scored
 from covidray.layout import RunLayout, ScoreLayout
 from covidray.lease import Lease, LeaseHeld
 from covidray.stages.score import ScoreConfig, score_archive
@@ -29,11 +30,23 @@ def add_images(storage, root: str, names, seed: int = 0):
                             encode(synthetic_xray(label == "covid", rng, size=(96, 96)), "png"))
 
 
-def cumulative(storage, output: str) -> pd.DataFrame:
-    """What a reader sees: the predictions of every committed run part."""
+def in_parts(storage, output: str) -> pd.DataFrame:
+    """The predictions of every committed run part."""
     current = storage.read_json(ScoreLayout(output).current)
     return pd.concat([storage.read_parquet_dir(ScoreLayout(part).predictions)
                       for part in current["parts"]], ignore_index=True)
+
+
+def cumulative(storage, output: str) -> pd.DataFrame:
+    """What a reader sees: the state table that ``_CURRENT.json`` names, every part of it in
+    the one schema (so any Parquet reader takes the folder as one table)."""
+    import pyarrow.parquet as pq
+
+    state = storage.read_json(ScoreLayout(output).current)["state"]
+    for part in storage.list_files(state, (".parquet",)):
+        schema = pq.read_schema(pa.BufferReader(storage.read_bytes(part)))
+        assert schema.remove_metadata() == STATE_SCHEMA
+    return storage.read_parquet_dir(state)
 
 
 def test_sorted_merges_find_new_and_changed_objects():
@@ -52,27 +65,39 @@ def test_a_second_nightly_run_scores_only_what_is_new_or_changed(storage, traine
     archive, output = f"{prefix}/archive", f"{prefix}/nightly"
     model = RunLayout(trained_run["run"]).onnx
     add_images(storage, archive, [f"img-{i}.png" for i in range(6)])
+    storage.write_bytes(f"{archive}/covid/broken.png", b"not a png")
     first = score_archive(ScoreConfig(archive, model, output, incremental=True), storage)
-    assert (first["listed"], first["new"], first["scored"]) == (6, 6, 6)
+    assert (first["listed"], first["new"], first["scored"], first["failed"]) == (7, 7, 6, 1)
 
     add_images(storage, archive, ["img-6.png", "img-7.png"], seed=1)  # two new objects
     add_images(storage, archive, ["img-0.png"], seed=2)  # one rewritten: a new ETag
     second = score_archive(ScoreConfig(archive, model, output, incremental=True), storage)
-    assert (second["listed"], second["new"], second["scored"]) == (8, 3, 3)
+    assert (second["listed"], second["new"], second["scored"]) == (9, 3, 3)
     part = storage.read_parquet_dir(ScoreLayout(second["predictions"].rsplit("/", 1)[0])
                                     .predictions)
     assert sorted(u.rsplit("/", 1)[-1] for u in part["uri"]) == ["img-0.png", "img-6.png",
                                                                  "img-7.png"]
     started = time.monotonic()
     third = score_archive(ScoreConfig(archive, model, output, incremental=True), storage)
-    assert third["nothing_new"] and third["listed"] == 8
+    assert third["nothing_new"] and third["listed"] == 9
     assert time.monotonic() - started < 30
     current = storage.read_json(ScoreLayout(output).current)
-    assert len(current["runs"]) == 2  # a run with nothing new adds no part
-    seen = cumulative(storage, output)
-    assert len(seen) == 9 and seen["uri"].nunique() == 8  # img-0 in both parts, new ETag last
-    state = storage.read_parquet_dir(current["state"])
-    assert state["uri"].is_unique and len(state) == 8 and state["uri"].is_monotonic_increasing
+    assert current["runs"] == [first["run"], second["run"]]  # nothing new adds no part
+    parts = in_parts(storage, output)
+    assert len(parts) == 9 and parts["uri"].nunique() == 8  # img-0 in both parts
+
+    view = cumulative(storage, output).set_index("uri")  # one row per object, the latest
+    assert view.index.is_unique and len(view) == 9 and view.index.is_monotonic_increasing
+    rescored = part.set_index("uri")
+    assert (view.loc[rescored.index, "run"] == second["run"]).all()
+    assert (view.loc[rescored.index, "score"] == rescored["score"]).all()
+    kept = view.drop(rescored.index)
+    assert (kept["run"] == first["run"]).all()
+    broken = kept.loc[f"{archive}/covid/broken.png"]
+    assert np.isnan(broken["score"]) and broken["error"] and broken["label"] == "covid"
+    scored = view.drop(broken.name)
+    assert (scored["error"] == "").all() and scored["score"].between(0, 1).all()
+    assert set(scored["prediction"]) <= {"covid", "non_covid"}
 
 
 def test_a_killed_run_is_resumed_without_rescoring_or_duplicates(storage, trained_run, prefix,
@@ -105,8 +130,10 @@ def test_a_killed_run_is_resumed_without_rescoring_or_duplicates(storage, traine
     resumed = score_archive(ScoreConfig(archive, model, output, incremental=True), storage)
     assert resumed["adopted"] > 0 and resumed["new"] < 240
     assert resumed["new"] + resumed["adopted"] == 240 == resumed["scored"] + resumed["failed"]
-    seen = cumulative(storage, output)
+    seen = in_parts(storage, output)
     assert len(seen) == 240 and seen["uri"].is_unique  # every image once, none rescored
+    view = cumulative(storage, output)
+    assert sorted(view["uri"]) == sorted(seen["uri"]) and (view["run"] == resumed["run"]).all()
 
 
 def test_a_second_run_while_one_holds_the_lease_exits_with_a_clear_message(storage, prefix):

@@ -27,8 +27,9 @@ from covidray.config import option, to_dict
 from covidray.datasets import (ARCHIVE_COLUMNS, LOADED_COLUMNS, is_manifest, iter_prefix_rows,
                                load_pixels, manifest_to_index, normalise_index)
 from covidray.images import IMAGE_SUFFIXES, INPUT_SIZE
-from covidray.incremental import (STATE_COLUMNS, UNKNOWN_ETAG, UNKNOWN_SIZE, frames_of,
-                                  merged_state, not_yet_scored, rows)
+from covidray.incremental import (STATE_COLUMNS, STATE_SCHEMA, UNKNOWN_ETAG, UNKNOWN_SIZE,
+                                  frames_of, merged_state, not_yet_scored, rows, state_frame,
+                                  state_table)
 from covidray.labels import LABELS, label_index
 from covidray.layout import ScoreLayout, model_card_beside
 from covidray.lease import Lease
@@ -142,21 +143,26 @@ def _manifest_chunks(storage: Storage, manifest: str):
                                    chunksize=INDEX_PART_ROWS)
 
 
-def parquet_parts(storage: Storage, folders: list[str], columns: list[str] | None = None):
+def parquet_parts(storage: Storage, folders: list[str], columns: list[str] | None = None,
+                  state_of_run: str | None = None):
     """The Parquet parts under ``folders`` as a Ray Dataset, one block a part, read through
-    :class:`Storage` (so an outage is ridden out up to its bound, then fails the run)."""
+    :class:`Storage` (so an outage is ridden out up to its bound, then fails the run). With
+    ``state_of_run``, result parts become that run's state rows."""
     import ray.data
 
     parts = [p for folder in folders for p in storage.list_files(folder, (".parquet",))]
     return ray.data.from_items([{"part": p} for p in parts],
                                override_num_blocks=max(1, len(parts))).map_batches(
-        _read_parts, fn_kwargs={"storage": storage, "columns": columns}, batch_size=1,
-        batch_format="pandas", num_cpus=0.25)
+        _read_parts, fn_kwargs={"storage": storage, "columns": columns, "run": state_of_run},
+        batch_size=1, batch_format="pandas", num_cpus=0.25)
 
 
-def _read_parts(batch: pd.DataFrame, storage: Storage, columns: list[str] | None) -> pd.DataFrame:
+def _read_parts(batch: pd.DataFrame, storage: Storage, columns: list[str] | None,
+                run: str | None):
     frames = [storage.read_table(part) for part in batch["part"]]
     frame = pd.concat(frames, ignore_index=True)
+    if run is not None:
+        return state_table(frame, run)
     return frame[columns] if columns else frame
 
 
@@ -434,21 +440,22 @@ class Run:
             print(f"resumed: adopted what the unfinished run {name} had written", flush=True)
         return counts
 
-    def sorted_keys(self, folders: list[str], columns: list[str]):
-        """Rows of the Parquet parts under ``folders``, URI-sorted by one Ray sort."""
+    def sorted_results(self):
+        """This run's predictions and errors as state rows, URI-sorted by one Ray sort."""
+        folders = [self.layout.predictions, self.layout.errors]
         if not any(True for f in folders for _ in self.storage.list_files(f, (".parquet",))):
             return iter(())
         self.connect()
-        data = parquet_parts(self.storage, folders, columns)
+        data = parquet_parts(self.storage, folders, state_of_run=self.run_id)
         return rows(data.sort("uri").iter_batches(batch_size=65_536, batch_format="pandas"),
-                    columns)
+                    STATE_COLUMNS)
 
     def state_rows(self, current: dict):
         """The committed state table's rows, in URI order (its parts are written sorted)."""
         if not current["state"]:
             return iter(())
         parts = sorted(self.storage.list_files(current["state"], (".parquet",)))
-        return rows((self.storage.read_table(p) for p in parts), STATE_COLUMNS)
+        return rows((state_frame(self.storage.read_table(p)) for p in parts), STATE_COLUMNS)
 
     def stage_todo(self, current: dict, adopted: int) -> int:
         """Write the objects still to score to ``<staging>/todo``; returns how many."""
@@ -456,9 +463,7 @@ class Run:
         listing = staged_index(self.storage, self.staging).sort("uri").iter_batches(
             batch_size=65_536, batch_format="pandas")
         done = merged_state(self.state_rows(current),
-                            (r + (self.run_id,) for r in self.sorted_keys(
-                                [self.layout.predictions, self.layout.errors],
-                                ["uri", "etag", "size"])) if adopted else iter(()))
+                            self.sorted_results() if adopted else iter(()))
         todo = 0
         for number, frame in enumerate(not_yet_scored(listing, done)):
             self.storage.write_table(f"{staged(self.staging, 'todo')}/part-{number:05d}.parquet",
@@ -467,13 +472,12 @@ class Run:
         return todo
 
     def write_state(self, current: dict) -> None:
-        """The next state table generation: the previous one with this run's rows merged in."""
-        new = (r + (self.run_id,) for r in self.sorted_keys(
-            [self.layout.predictions, self.layout.errors], ["uri", "etag", "size"]))
+        """The next state table generation (the cumulative view): the previous one with this
+        run's results merged in, one schema in every part."""
         target = self.base.state(self.run_id)
-        merged = merged_state(self.state_rows(current), new)
+        merged = merged_state(self.state_rows(current), self.sorted_results())
         for number, frame in enumerate(frames_of(merged, STATE_COLUMNS, STATE_PART_ROWS)):
-            self.storage.write_table(f"{target}/part-{number:05d}.parquet", frame)
+            self.storage.write_table(f"{target}/part-{number:05d}.parquet", frame, STATE_SCHEMA)
         self.state = target
 
     def current_view(self, summary: dict) -> dict:
