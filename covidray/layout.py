@@ -27,6 +27,8 @@ a **scoring output** (``covidray score --output``)::
     <output>/metrics/confusion_matrix_t0.10.png ... _operating_t0.50.png, score_histogram.png
     <output>/_SUCCESS.json           written last: counts and where the results are
     <output>/_LEASE.json             held by the run in progress
+    <output>/_staging/<run>/         the run in progress: its index snapshot, and its result
+                                     (result/) until it is complete and copied into place
   and with ``--incremental`` (nightly runs) the same per run, plus the cumulative view:
     <output>/runs/<run>/...          one dated part per run (config, predictions, errors, ...)
     <output>/state/<run>/*.parquet   the cumulative view: one row per object scored so far,

@@ -515,11 +515,24 @@ class Storage:
             if not page.get("IsTruncated") or not token:
                 return
 
+    def copy(self, source: str, target: str) -> str:
+        """Copy one object (on S3 within the server, in one request; readers of ``target``
+        see the old object or the whole new one)."""
+        src, dst = _as_location(source), _as_location(target)
+        if not (src.is_s3 and dst.is_s3):
+            return self.write_bytes(target, self.read_bytes(source))
+        self.riding_out_outages(
+            lambda: self.client().copy_object(Bucket=dst.bucket, Key=dst.key, CopySource={
+                "Bucket": src.bucket, "Key": src.key}), f"copying {src.uri} to {dst.uri}")
+        return dst.uri
+
     def delete(self, uri: str) -> None:
         """Delete one object if it exists."""
         location = _as_location(uri)
         if location.is_s3:
-            self.client().delete_object(Bucket=location.bucket, Key=location.key)
+            self.riding_out_outages(
+                lambda: self.client().delete_object(Bucket=location.bucket, Key=location.key),
+                f"deleting {location.uri}")
         elif os.path.exists(location.key):
             os.unlink(location.key)
 
@@ -546,7 +559,16 @@ class Storage:
         return count
 
     def _delete_batch(self, bucket: str, objects: list[dict]) -> int:
-        self.client().delete_objects(Bucket=bucket, Delete={"Objects": objects, "Quiet": True})
+        response = self.riding_out_outages(
+            lambda: self.client().delete_objects(Bucket=bucket, Delete={"Objects": objects,
+                                                                        "Quiet": True}),
+            f"deleting {len(objects)} objects in s3://{bucket}")
+        failed = response.get("Errors") or []
+        if failed:  # a quiet batch delete reports what it could not delete, and raises nothing
+            first = failed[0]
+            raise StorageError(f"could not delete {len(failed)} of {len(objects)} objects in "
+                               f"s3://{bucket}, e.g. {first.get('Key')}: {first.get('Code')} "
+                               f"{first.get('Message', '')}".rstrip())
         return len(objects)
 
     def ensure_bucket(self, uri: str) -> None:

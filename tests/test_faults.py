@@ -27,12 +27,17 @@ def small_archive(storage, root: str, n: int) -> str:
     return storage.write_table(f"{root}/manifest.csv", pd.DataFrame(rows))
 
 
-def outage_during(storage, s3_service, started_marker: str, after: float, down_for: float):
-    """A thread that waits for ``started_marker`` to exist, then stops the S3 server for
-    ``down_for`` seconds (restarting it on the same directory and port)."""
+def started(storage, output: str):
+    """Whether a scoring run into ``output`` has begun writing (its staging folder)."""
+    return lambda: any(True for _ in storage.list_files(ScoreLayout(output).staging))
+
+
+def outage_during(s3_service, has_started, after: float, down_for: float):
+    """A thread that waits for ``has_started()``, then stops the S3 server for ``down_for``
+    seconds (restarting it on the same directory and port)."""
     def run():
         deadline = time.monotonic() + 120
-        while not storage.exists(started_marker) and time.monotonic() < deadline:
+        while not has_started() and time.monotonic() < deadline:
             time.sleep(0.2)
         time.sleep(after)
         s3_server.stop(s3_service["directory"])
@@ -50,7 +55,7 @@ def score_through_an_outage(storage, run, prefix, s3_service, down_for: float, b
     outages up to ``bound`` seconds; returns (output, the summary or the exception)."""
     manifest = small_archive(storage, f"{prefix}/archive", 400)
     output = f"{prefix}/out"
-    outage = outage_during(storage, s3_service, ScoreLayout(output).config, after, down_for)
+    outage = outage_during(s3_service, started(storage, output), after, down_for)
     bounded = Storage(StorageSettings(endpoint_url=storage.settings.endpoint_url,
                                       outage_seconds=bound))
     try:
@@ -98,15 +103,23 @@ def test_an_s3_restart_mid_run_is_ridden_out_and_every_image_is_scored(
     assert storage.read_parquet_dir(ScoreLayout(output).errors).empty
 
 
-def test_an_outage_longer_than_the_bound_fails_without_publishing(
+def test_an_outage_longer_than_the_bound_fails_and_leaves_the_last_result_in_place(
         storage, trained_run, prefix, ray_local, s3_service):
-    started = time.monotonic()
+    layout = ScoreLayout(f"{prefix}/out")
+    last_good = score_archive(ScoreConfig(small_archive(storage, f"{prefix}/earlier", 12),
+                                          RunLayout(trained_run["run"]).onnx, layout.root),
+                              storage)
+    began = time.monotonic()
     output, failure = score_through_an_outage(storage, trained_run["run"], prefix, s3_service,
                                               down_for=15.0, bound=4, after=1.0)
     assert isinstance(failure, Exception), failure
-    assert time.monotonic() - started < 120
+    assert time.monotonic() - began < 120
     assert "kept failing for 4 s" in str(failure) or isinstance(failure, StorageOutage)
-    assert not storage.exists(ScoreLayout(output).success)
+    # The failed run published nothing, and the last good result is still whole.
+    assert storage.read_json(layout.success)["run"] == last_good["run"]
+    assert storage.read_json(layout.config)["archive"] == last_good["archive"]
+    assert len(storage.read_parquet_dir(layout.predictions)) == 12
+    assert storage.read_json(layout.metrics_json)["images"] == 12
 
 
 def test_an_inference_actor_killed_mid_run_is_restarted_and_the_counts_reconcile(
@@ -116,8 +129,8 @@ def test_an_inference_actor_killed_mid_run_is_restarted_and_the_counts_reconcile
     manifest = small_archive(storage, f"{prefix}/archive", 400)
     output = f"{prefix}/out"
     # once the run has started, let the actor score a few batches, then kill it
-    killer = kill_processes_when("OnnxScorer", lambda: storage.exists(ScoreLayout(output).config),
-                                 settle=2.0, timeout=120)
+    killer = kill_processes_when("OnnxScorer", started(storage, output), settle=2.0,
+                                 timeout=120)
     summary = score_archive(ScoreConfig(manifest, RunLayout(trained_run["run"]).onnx, output,
                                         batch_size=16), storage)
     killer.join(timeout=10)

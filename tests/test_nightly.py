@@ -132,6 +132,7 @@ def test_a_killed_run_is_resumed_without_rescoring_or_duplicates(storage, traine
     assert resumed["new"] + resumed["adopted"] == 240 == resumed["scored"] + resumed["failed"]
     seen = in_parts(storage, output)
     assert len(seen) == 240 and seen["uri"].is_unique  # every image once, none rescored
+    assert not list(storage.list_files(layout.staging))  # the killed run's staging removed
     view = cumulative(storage, output)
     assert sorted(view["uri"]) == sorted(seen["uri"]) and (view["run"] == resumed["run"]).all()
 

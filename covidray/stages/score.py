@@ -279,31 +279,57 @@ class Run:
         self.model_bytes = model_bytes
         self.model_digest = model_digest(model_bytes)
         self.base = ScoreLayout(config.output)
+        # Where the result is published (``layout``), and where this run writes it while it
+        # runs (``work``): a nightly run's own part (not read until _CURRENT.json names it);
+        # for a whole run a folder of its staging, so the last result stays until this one
+        # is complete.
         self.layout = (ScoreLayout(self.base.run_part(run_id)) if config.incremental
                        else self.base)
         self.staging = self.base.staging_run(run_id)
+        self.work = (self.layout if config.incremental
+                     else ScoreLayout(staged(self.staging, "result")))
         self._current = None
 
+    def clear_dead_staging(self) -> None:
+        """Remove what runs killed before they cleaned up left in ``_staging``: this run holds
+        the output's lease, so no other live run is using it."""
+        removed = self.storage.delete_prefix(self.base.staging)
+        if removed:
+            print(f"removed {removed} staging objects left by an unfinished run", flush=True)
+
     def whole(self) -> dict:
-        """Score the whole archive into the output, replacing what a previous run wrote."""
-        storage, layout = self.storage, self.layout
-        # Unpublish first (readers wait for the new marker); nothing of the old run stays.
-        for stale in (layout.success, layout.current):
-            storage.delete(stale)
-        for folder in (layout.metrics, layout.predictions, layout.errors):
-            storage.delete_prefix(folder)
-        storage.write_json(layout.config, {**to_dict(self.config), "run": self.run_id})
+        """Score the whole archive, then put the result in place of what a previous run wrote
+        (which stays published until this run is complete and reconciled)."""
+        storage = self.storage
+        self.clear_dead_staging()
+        storage.write_json(self.work.config, {**to_dict(self.config), "run": self.run_id})
         try:
             listed = snapshot_index(storage, self.config.archive, self.staging,
                                     self.config.allow_local_paths)
             counts = self.score(staged(self.staging), listed)
-            return self.finish(listed, counts, listed)
+            summary = self.finish(listed, counts, listed)
+            self.lease.check()
+            self.replace_published()
+            return summary
         finally:
             storage.delete_prefix(self.staging)
+
+    def replace_published(self) -> None:
+        """Swap this run's complete result in for the output's previous one: unpublish it
+        (readers wait for the new marker, which the caller writes last), remove it, and copy
+        this run's predictions, errors, metrics and config into place."""
+        old, new = self.layout, self.work
+        for stale in (old.success, old.current):
+            self.storage.delete(stale)
+        for folder in (old.metrics, old.predictions, old.errors):
+            self.storage.delete_prefix(folder)
+        for uri in self.storage.list_files(new.root):
+            self.storage.copy(uri, old.root + uri[len(new.root):])
 
     def incremental(self) -> dict:
         """Score only the objects not in the state table (nor in a killed run's part)."""
         storage, base, layout = self.storage, self.base, self.layout
+        self.clear_dead_staging()
         storage.write_json(layout.config, {**to_dict(self.config), "run": self.run_id,
                                            "model_digest": self.model_digest})
         current = self.current()
@@ -362,7 +388,7 @@ class Run:
                                 compute=ray.data.ActorPoolStrategy(
                                     min_size=self.config.actors or 1,
                                     max_size=self.config.actors or plan.scoring_actors)))
-        writer = PartWriter(self.storage, self.layout, self.run_id, already,
+        writer = PartWriter(self.storage, self.work, self.run_id, already,
                             self.config.progress_seconds)
         progress = Progress(expected, self.config.progress_seconds)
         for batch in results.iter_batches(batch_size=None, batch_format="pandas"):
@@ -374,13 +400,14 @@ class Run:
         return writer.counts
 
     def finish(self, expected: int, counts: dict, listed: int, **extra) -> dict:
-        """Reconcile, publish the metrics, and return the summary (not yet the marker)."""
+        """Reconcile, write the metrics beside this run's results, and return the summary (not
+        yet the marker)."""
         self.lease.check()
         if expected != counts["scored"] + counts["failed"]:
             raise RuntimeError(f"not published: listed {expected} != scored {counts['scored']} "
                                f"+ failed {counts['failed']}")
-        for folder, key, columns in ((self.layout.predictions, "scored", PREDICTION_COLUMNS),
-                                     (self.layout.errors, "failed", ERROR_COLUMNS)):
+        for folder, key, columns in ((self.work.predictions, "scored", PREDICTION_COLUMNS),
+                                     (self.work.errors, "failed", ERROR_COLUMNS)):
             if not counts[key]:  # readers always find a table with the right columns
                 _write_empty(self.storage, f"{folder}/part-empty.parquet", columns)
         summary = {"archive": self.config.archive, "model": self.config.model,
@@ -392,8 +419,9 @@ class Run:
         if counts["labelled"]:
             if not sorts_on_driver(counts["scored"]):
                 self.connect()
-            summary["metrics"] = publish_metrics(self.storage, self.layout, self.threshold,
-                                                 counts["scored"])
+            summary["metrics"] = {**publish_metrics(self.storage, self.work, self.threshold,
+                                                    counts["scored"]),
+                                  "metrics_json": self.layout.metrics_json}
         return summary
 
     # --- incremental state ------------------------------------------------------------------
@@ -442,7 +470,7 @@ class Run:
 
     def sorted_results(self):
         """This run's predictions and errors as state rows, URI-sorted by one Ray sort."""
-        folders = [self.layout.predictions, self.layout.errors]
+        folders = [self.work.predictions, self.work.errors]
         if not any(True for f in folders for _ in self.storage.list_files(f, (".parquet",))):
             return iter(())
         self.connect()
