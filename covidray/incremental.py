@@ -50,15 +50,17 @@ def rows(frames: Iterable[pd.DataFrame], columns=KEY) -> Iterator[tuple]:
 def not_yet_scored(listed: Iterable[pd.DataFrame], done: Iterator[tuple]
                    ) -> Iterator[pd.DataFrame]:
     """The rows of ``listed`` (URI-sorted frames) whose ``(uri, etag, size)`` is not in
-    ``done`` (URI-sorted key tuples): a merge of two sorted streams."""
-    current = next(done, None)
+    ``done`` (URI-sorted key tuples): a merge of two sorted streams. A URI listed twice (a
+    manifest may) is scored once."""
+    current, previous = next(done, None), None
     for frame in listed:
         keep = []
         for uri, etag, size in frame[list(KEY)].itertuples(index=False, name=None):
             while current is not None and current[0] < uri:
                 current = next(done, None)
-            keep.append(current is None or current[0] != uri
-                        or (current[1], current[2]) != (etag, size))
+            keep.append(uri != previous and (current is None or current[0] != uri
+                                             or (current[1], current[2]) != (etag, size)))
+            previous = uri
         if any(keep):
             yield frame[keep]
 

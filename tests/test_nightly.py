@@ -55,6 +55,10 @@ def test_sorted_merges_find_new_and_changed_objects():
     done = iter([("a", "1", 1, "r1"), ("b", "X", 2, "r1"), ("d", "4", 4, "r1")])
     todo = pd.concat(list(not_yet_scored(iter(listed), done)))
     assert todo["uri"].tolist() == ["b", "c"]  # b changed, c new
+    twice = [pd.DataFrame({"uri": ["c", "c"], "etag": ["3", "3"], "size": [3, 3]}),
+             pd.DataFrame({"uri": ["c", "e"], "etag": ["3", "5"], "size": [3, 5]})]
+    todo = pd.concat(list(not_yet_scored(iter(twice), iter([("a", "1", 1, "r1")]))))
+    assert todo["uri"].tolist() == ["c", "e"]  # a manifest's repeated row is scored once
     merged = list(merged_state(iter([("a", 1), ("b", 1), ("d", 1)]),
                                iter([("b", 2), ("c", 2)])))
     assert merged == [("a", 1), ("b", 2), ("c", 2), ("d", 1)]
@@ -161,3 +165,32 @@ def test_an_expired_lease_is_taken_over_and_its_old_holder_notices(storage, pref
     stalled.release()
     assert json.loads(storage.read_bytes(lease_uri))["what"] == "fresh"  # not released by it
     fresh.release()
+
+
+def test_a_run_that_died_between_its_marker_and_the_cumulative_view_is_adopted(
+        storage, trained_run, prefix, ray_local, monkeypatch):
+    """Its part is complete but the cumulative view never took it in: the next run adopts it
+    (no rescoring), and the view then holds every object once."""
+    from covidray.stages.score import Run
+
+    archive, output = f"{prefix}/archive", f"{prefix}/nightly"
+    model = RunLayout(trained_run["run"]).onnx
+    add_images(storage, archive, [f"img-{i}.png" for i in range(4)])
+    first = score_archive(ScoreConfig(archive, model, output, incremental=True), storage)
+    add_images(storage, archive, ["img-4.png", "img-5.png"], seed=1)
+
+    def dies(self, summary):
+        raise RuntimeError("killed before _CURRENT.json moved")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(Run, "current_view", dies)
+        with pytest.raises(RuntimeError, match="killed before"):
+            score_archive(ScoreConfig(archive, model, output, incremental=True), storage)
+    third = score_archive(ScoreConfig(archive, model, output, incremental=True), storage)
+    assert (third["new"], third["adopted"], third["scored"]) == (0, 2, 2)
+    current = storage.read_json(ScoreLayout(output).current)
+    assert current["runs"] == [first["run"], third["run"]]
+    view = cumulative(storage, output)
+    assert len(view) == 6 and view["uri"].is_unique
+    assert sorted(p.rsplit("/", 1)[-1] for p in storage.list_files(ScoreLayout(output).runs)
+                  if p.endswith("config.json")) == ["config.json"] * 2  # the dead part is gone

@@ -440,16 +440,16 @@ class Run:
         return self._current
 
     def adopt_killed_runs(self) -> dict:
-        """Move the parts of earlier runs of this model that never published (killed) into
-        this run; returns the counts of what they had scored or recorded as failed."""
+        """Move the parts of earlier runs of this model that the cumulative view never took
+        in (killed before their marker, or between it and ``_CURRENT.json``) into this run;
+        returns the counts of what they had scored or recorded as failed."""
         counts = {"scored": 0, "failed": 0, "labelled": 0}
         committed = set(self.current()["runs"])
         for config_uri in self.storage.list_files(self.base.runs, (".json",)):
             part_root = config_uri.rsplit("/", 1)[0]
             old = ScoreLayout(part_root)
             name = part_root.rsplit("/", 1)[-1]
-            if (config_uri != old.config or name == self.run_id or name in committed
-                    or self.storage.exists(old.success)):
+            if config_uri != old.config or name == self.run_id or name in committed:
                 continue
             if self.storage.read_json(old.config).get("model_digest") != self.model_digest:
                 continue
