@@ -146,6 +146,13 @@ class Location:
     def name(self) -> str:
         return self.key.rstrip("/").rsplit("/", 1)[-1]
 
+    def contains(self, other: "Location") -> bool:
+        """Whether ``other`` is this location or lies under it."""
+        if (self.scheme, self.bucket) != (other.scheme, other.bucket):
+            return False
+        root = self.key.rstrip("/")
+        return not root or other.key == root or other.key.startswith(root + "/")
+
     def join(self, *parts: str) -> "Location":
         key = "/".join([self.key.rstrip("/"), *(p.strip("/") for p in parts)])
         return Location(self.scheme, self.bucket, key.lstrip("/") if self.is_s3 else key)

@@ -20,7 +20,7 @@ from covidray.stages.export import parity_inputs
 from covidray.stages.score import (RESULT_PART_ROWS, ScoreConfig, loaded_images, score_archive,
                                    snapshot_index, sorted_labelled_scores)
 from covidray.stages.train import TrainConfig, fit, image_stream, latest_checkpoint
-from covidray.storage import StorageError
+from covidray.storage import Location, StorageError
 from covidray.synthetic import encode, synthetic_xray
 
 from conftest import copy_prefix, process_tree, upload_synthetic
@@ -409,6 +409,24 @@ def test_a_partly_labelled_manifest_is_scored_whole_and_measured_on_its_labels(
     assert sorted(got[got.isna()].index) == [uris[2], uris[4]]
     metrics = storage.read_json(ScoreLayout(output).metrics_json)
     assert (metrics["images"], metrics["covid"]) == (4, 2)  # the labelled rows only
+
+
+def test_an_output_inside_the_archive_prefix_is_refused_before_anything_is_written(
+        storage, trained_run, prefix):
+    """The next run would list this one's figures (PNGs) as X-rays."""
+    import ray
+
+    archive = f"{prefix}/archive"
+    bad_archive(storage, archive)
+    listed = sorted(storage.list_files(prefix))
+    connected = ray.is_initialized()
+    for output in (archive, f"{archive}/scores"):
+        with pytest.raises(ValueError, match=r"is inside --archive .* outside the archive"):
+            score_archive(ScoreConfig(archive, RunLayout(trained_run["run"]).onnx, output),
+                          storage)
+    assert ray.is_initialized() == connected and sorted(storage.list_files(prefix)) == listed
+    assert Location.parse(f"{prefix}/arch").contains(Location.parse(f"{prefix}/arch/x"))
+    assert not Location.parse(f"{prefix}/arch").contains(Location.parse(f"{prefix}/archive"))
 
 
 @pytest.mark.parametrize("rows,reason", [

@@ -218,6 +218,11 @@ def score_archive(config: ScoreConfig, storage: Storage, ray_address: str | None
     """
     started = time.time()
     output = config.output
+    if not is_manifest(config.archive) and Location.parse(config.archive).contains(
+            Location.parse(output)):
+        raise ValueError(f"--output {output} is inside --archive {config.archive}: the next run "
+                         "would list this run's results (its figures are PNGs) as X-rays. Put "
+                         "the output outside the archive")
     storage.check(config.archive)
     storage.check(output, writable=True)
     if not storage.exists(config.model):
