@@ -71,6 +71,20 @@ def test_resume_continues_from_the_latest_checkpoint(storage, trained_run, prefi
     original = load_checkpoint(storage, RunLayout(trained_run["run"]).model_checkpoint)
     assert history[:2] == original["history"]  # the restored epochs are the original's
 
+    # A retried job whose training had finished: the final checkpoint is the model, no
+    # training runs again (no new checkpoint).
+    checkpoints = sorted(storage.list_files(RunLayout(config.run).checkpoints))
+    again = fit(config, storage)
+    assert again["epochs"] == 3 and sorted(storage.list_files(
+        RunLayout(config.run).checkpoints)) == checkpoints
+    # Another training's settings, or fewer epochs than trained, never continue this model.
+    for changed, reason in ((dict(lr=config.lr * 10), r"lr 0.001 there, 0.01 here"),
+                            (dict(epochs=2), "it trained 3 epochs, --epochs is 2"),
+                            (dict(seed=config.seed + 1), "seed 0 there, 1 here")):
+        with pytest.raises(ValueError, match=r"--resume: the newest checkpoint .*" + reason):
+            fit(dataclasses.replace(config, **changed), storage)
+    assert sorted(storage.list_files(RunLayout(config.run).checkpoints)) == checkpoints
+
 
 def test_onnx_carries_metadata_and_a_dynamic_batch(storage, trained_run):
     session = onnx_session(storage.read_bytes(RunLayout(trained_run["run"]).onnx))

@@ -81,7 +81,8 @@ class TrainConfig:
                                       "the last always)")
     augment: AugmentConfig = option(factory=AugmentConfig)
     resume: bool = option(False, "continue from the newest checkpoint under "
-                                 "<run>/train/checkpoints")
+                                 "<run>/train/checkpoints (one already at --epochs is the "
+                                 "model; one of other settings or splits is refused)")
     max_failures: int = option(3, "lost workers (a killed process, a lost node or spot "
                                   "instance) Ray Train recovers from, restarting from the last "
                                   "checkpoint, before the run fails")
@@ -283,6 +284,30 @@ def latest_checkpoint(storage: Storage, layout: RunLayout) -> str | None:
     return max(found, key=lambda u: u.rsplit("checkpoint_", 1)[-1]) if found else None
 
 
+# What a checkpoint must share with the run that resumes it: everything that decides the
+# model but the number of epochs (more may follow) and where and how it runs.
+RESUME_MUST_MATCH = ("data", "batch_size", "lr", "weights", "train_layers", "val_fraction",
+                     "test_fraction", "seed", "covid_target", "threshold", "augment")
+
+
+def resume_mismatch(checkpoint: dict, config: "TrainConfig", index, splits) -> list[str]:
+    """Why ``config`` cannot resume ``checkpoint`` (empty: it can): settings that differ,
+    more epochs trained than asked for, or other splits than the run's (``splits``, the
+    run's stored ``splits.parquet``, or None) for this ``index``."""
+    trained, wanted = checkpoint["config"], config.to_dict()
+    why = [f"{key} {trained.get(key)!r} there, {wanted[key]!r} here"
+           for key in RESUME_MUST_MATCH if trained.get(key) != wanted[key]]
+    if checkpoint["epoch"] + 1 > config.epochs:
+        why.append(f"it trained {checkpoint['epoch'] + 1} epochs, --epochs is {config.epochs}")
+    if splits is not None:
+        def assigned(frame):
+            return sorted(zip(frame["uri"], frame["split"], frame["copy"]))
+        if assigned(splits) != assigned(index):
+            why.append("the data's splits differ from the run's splits.parquet (the data "
+                       "changed)")
+    return why
+
+
 def resolve_weights(weights: str, storage: Storage) -> str:
     """``auto`` -> ``imagenet`` when those weights load here, else ``none`` (and say so)."""
     if weights != "auto":
@@ -320,8 +345,24 @@ def fit(config: TrainConfig, storage: Storage, ray_address: str | None = None) -
                            weights=config.weights)
 
     index, train_index = prepare_index(config, storage)
+    resume_from = latest_checkpoint(storage, layout) if config.resume else None
+    if config.resume:
+        print(f"resuming from {resume_from}" if resume_from else "no checkpoint to resume from")
+    resumed = load_checkpoint(storage, resume_from) if resume_from else None
+    if resumed is not None:  # refuse to continue another model, rather than mix the two
+        splits = storage.read_table(layout.splits) if storage.exists(layout.splits) else None
+        why = resume_mismatch(resumed, config, index, splits)
+        if why:
+            raise ValueError(f"--resume: the newest checkpoint under {layout.checkpoints} is "
+                             f"not this training's ({'; '.join(why)}). Resume with its "
+                             "settings, or train into a new --run")
     storage.write_table(layout.splits, index)
     storage.write_json(layout.config, config.to_dict())
+    if resumed is not None and resumed["epoch"] + 1 == config.epochs:
+        # A retried job (say a RayJob's backoffLimit) whose training had finished: its
+        # final checkpoint is the model; the later stages run again from it.
+        print(f"training already complete ({config.epochs} epochs): the model is {resume_from}")
+        return finished(storage, layout, storage.read_bytes(resume_from))
     val_index = index[index["split"] == "val"]
     counts = train_index.groupby("label").size().to_dict()
     print(f"train: {len(train_index)} rows {counts} (COVID grown to {config.covid_target or 'n/a'}),"
@@ -335,10 +376,6 @@ def fit(config: TrainConfig, storage: Storage, ray_address: str | None = None) -
     if cached:  # a frozen backbone: compute its features once, train the head on them
         datasets = cache_features(datasets, config, storage, plan, layout)
 
-    resume_from = None
-    if config.resume:
-        resume_from = latest_checkpoint(storage, layout)
-        print(f"resuming from {resume_from}" if resume_from else "no checkpoint to resume from")
     checkpoints = Location.parse(layout.checkpoints)
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -367,12 +404,18 @@ def fit(config: TrainConfig, storage: Storage, ray_address: str | None = None) -
     with result.checkpoint.as_directory() as directory:
         with open(os.path.join(directory, CHECKPOINT_FILE), "rb") as fh:
             final = fh.read()
-    storage.write_bytes(layout.model_checkpoint, final)
-    state = torch.load(io.BytesIO(final), map_location="cpu", weights_only=True)
-    storage.write_json(layout.history, state["history"])
     placement = storage.read_json(layout.placement)
     print(f"training workers: {len(placement)} on "
           f"{len({worker['node_id'] for worker in placement})} node(s)")
+    return finished(storage, layout, final)
+
+
+def finished(storage: Storage, layout: RunLayout, final: bytes) -> dict:
+    """Publish the final checkpoint ``final`` as the run's model and its history; returns the
+    training summary."""
+    storage.write_bytes(layout.model_checkpoint, final)
+    state = torch.load(io.BytesIO(final), map_location="cpu", weights_only=True)
+    storage.write_json(layout.history, state["history"])
     return {"epochs": state["epoch"] + 1, "final": state["history"][-1],
             "model": layout.model_checkpoint, "history": layout.history,
             "splits": layout.splits, "checkpoints": layout.checkpoints,
