@@ -128,7 +128,12 @@ class ScoringModel(nn.Module):
 
 def load_checkpoint(storage: Storage, uri: str) -> dict:
     """A covidray checkpoint dict: ``{model, optimizer, epoch, config, history, weights}``."""
-    return torch.load(io.BytesIO(storage.read_bytes(uri)), map_location="cpu", weights_only=True)
+    return checkpoint_from_bytes(storage.read_bytes(uri))
+
+
+def checkpoint_from_bytes(data: bytes) -> dict:
+    """The checkpoint dict of a ``checkpoint.pt`` file's bytes (:func:`checkpoint_bytes`)."""
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
 
 
 def checkpoint_bytes(checkpoint: dict) -> bytes:

@@ -333,7 +333,7 @@ class Run:
 
     def incremental(self) -> dict:
         """Score only the objects not in the state table (nor in a killed run's part)."""
-        storage, base, layout = self.storage, self.base, self.layout
+        storage, layout = self.storage, self.layout
         self.clear_dead_staging()
         storage.write_json(layout.config, {**to_dict(self.config), "run": self.run_id,
                                            "model_digest": self.model_digest})

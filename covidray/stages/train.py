@@ -11,7 +11,6 @@ worker.
 from __future__ import annotations
 
 import dataclasses
-import io
 import os
 import tempfile
 import time
@@ -28,8 +27,8 @@ from covidray.layout import CHECKPOINT_FILE, RunLayout
 from covidray.loop import (evaluate, in_memory, make_checkpoint, ordered_batches,
                            shuffled_batches, train_one_epoch)
 from covidray.model import (TRAIN_LAYERS, WeightsUnavailable, build_model, checkpoint_bytes,
-                            describe_weights, freeze_for, head, initial_model, load_checkpoint,
-                            load_weights)
+                            checkpoint_from_bytes, describe_weights, freeze_for, head,
+                            initial_model, load_checkpoint, load_weights)
 from covidray.storage import Location, Storage
 
 # Presets are config values: "paper" is TrainConfig's defaults; the others change a few.
@@ -199,7 +198,7 @@ def _restore(ray_checkpoint, resume_from: str | None, storage: Storage) -> dict 
     if ray_checkpoint is not None:
         with ray_checkpoint.as_directory() as directory:
             with open(os.path.join(directory, CHECKPOINT_FILE), "rb") as fh:
-                return torch.load(io.BytesIO(fh.read()), map_location="cpu", weights_only=True)
+                return checkpoint_from_bytes(fh.read())
     if resume_from:
         return load_checkpoint(storage, resume_from)
     return None
@@ -348,7 +347,8 @@ def fit(config: TrainConfig, storage: Storage, ray_address: str | None = None) -
     resume_from = latest_checkpoint(storage, layout) if config.resume else None
     if config.resume:
         print(f"resuming from {resume_from}" if resume_from else "no checkpoint to resume from")
-    resumed = load_checkpoint(storage, resume_from) if resume_from else None
+    resumed_bytes = storage.read_bytes(resume_from) if resume_from else None
+    resumed = checkpoint_from_bytes(resumed_bytes) if resume_from else None
     if resumed is not None:  # refuse to continue another model, rather than mix the two
         splits = storage.read_table(layout.splits) if storage.exists(layout.splits) else None
         why = resume_mismatch(resumed, config, index, splits)
@@ -362,7 +362,7 @@ def fit(config: TrainConfig, storage: Storage, ray_address: str | None = None) -
         # A retried job (say a RayJob's backoffLimit) whose training had finished: its
         # final checkpoint is the model; the later stages run again from it.
         print(f"training already complete ({config.epochs} epochs): the model is {resume_from}")
-        return finished(storage, layout, storage.read_bytes(resume_from))
+        return finished(storage, layout, resumed_bytes, resumed)
     val_index = index[index["split"] == "val"]
     counts = train_index.groupby("label").size().to_dict()
     print(f"train: {len(train_index)} rows {counts} (COVID grown to {config.covid_target or 'n/a'}),"
@@ -407,14 +407,13 @@ def fit(config: TrainConfig, storage: Storage, ray_address: str | None = None) -
     placement = storage.read_json(layout.placement)
     print(f"training workers: {len(placement)} on "
           f"{len({worker['node_id'] for worker in placement})} node(s)")
-    return finished(storage, layout, final)
+    return finished(storage, layout, final, checkpoint_from_bytes(final))
 
 
-def finished(storage: Storage, layout: RunLayout, final: bytes) -> dict:
-    """Publish the final checkpoint ``final`` as the run's model and its history; returns the
-    training summary."""
+def finished(storage: Storage, layout: RunLayout, final: bytes, state: dict) -> dict:
+    """Publish the final checkpoint (``final``, its bytes; ``state``, its dict) as the run's
+    model and its history; returns the training summary."""
     storage.write_bytes(layout.model_checkpoint, final)
-    state = torch.load(io.BytesIO(final), map_location="cpu", weights_only=True)
     storage.write_json(layout.history, state["history"])
     return {"epochs": state["epoch"] + 1, "final": state["history"][-1],
             "model": layout.model_checkpoint, "history": layout.history,
