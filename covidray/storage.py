@@ -533,6 +533,16 @@ class Storage:
                 "Bucket": src.bucket, "Key": src.key}), f"copying {src.uri} to {dst.uri}")
         return dst.uri
 
+    def copy_prefix(self, source: str, target: str) -> int:
+        """Copy every object under ``source`` to the same relative key under ``target``;
+        returns how many."""
+        root = _as_location(source).uri
+        count = 0
+        for uri in self.list_files(source):
+            self.copy(uri, target + uri[len(root):])
+            count += 1
+        return count
+
     def delete(self, uri: str) -> None:
         """Delete one object if it exists."""
         location = _as_location(uri)

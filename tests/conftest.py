@@ -137,9 +137,3 @@ def trained_run(storage, ray_local):
     report = export_run(ExportConfig(run=config.run), storage)
     return {"root": root, "manifest": manifest, "run": config.run, "config": config,
             "train": summary, "export": report}
-
-
-def copy_prefix(storage: Storage, source: str, target: str) -> None:
-    """Copy every object under ``source`` to the same relative key under ``target``."""
-    for uri in storage.list_files(source):
-        storage.write_bytes(target + uri[len(source):], storage.read_bytes(uri))

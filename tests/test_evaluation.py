@@ -16,7 +16,6 @@ from covidray.images import RECIPE
 from covidray.stages.evaluate import EvaluateConfig, evaluate_run
 from covidray.stages.score import ScoreConfig, score_archive
 
-from conftest import copy_prefix
 
 
 def frame(n=300, seed=0):
@@ -105,7 +104,7 @@ def test_operating_point_comes_from_validation_not_test():
 def evaluated(storage, trained_run, ray_local):
     """``covidray evaluate`` on a copy of the shared run (its model card stays with the copy)."""
     run = f"{trained_run['root']}/evaluated-run"
-    copy_prefix(storage, trained_run["run"], run)
+    storage.copy_prefix(trained_run["run"], run)
     layout = EvalLayout(f"{trained_run['root']}/eval")
     config = EvaluateConfig(run=run, eval_dir=layout.root, target_sensitivity=0.9, bootstrap=100)
     return {"run": run, "layout": layout, "headline": evaluate_run(config, storage)}

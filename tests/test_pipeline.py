@@ -23,7 +23,7 @@ from covidray.stages.train import TrainConfig, fit, image_stream, latest_checkpo
 from covidray.storage import Location, StorageError
 from covidray.synthetic import encode, synthetic_xray
 
-from conftest import copy_prefix, process_tree, upload_synthetic
+from conftest import process_tree, upload_synthetic
 
 
 def test_training_writes_checkpoint_history_and_splits(storage, trained_run):
@@ -61,7 +61,7 @@ def test_frozen_backbone_run_trains_on_stored_features(storage, trained_run):
 
 def test_resume_continues_from_the_latest_checkpoint(storage, trained_run, prefix):
     # A copy of the shared run: resuming must not change what the other tests read.
-    copy_prefix(storage, trained_run["run"], f"{prefix}/run")
+    storage.copy_prefix(trained_run["run"], f"{prefix}/run")
     config = dataclasses.replace(trained_run["config"], run=f"{prefix}/run", epochs=3,
                                  resume=True)
     summary = fit(config, storage)
@@ -587,7 +587,7 @@ def test_export_int8_keeps_the_metadata_and_scores_like_the_float_model(storage,
     from covidray.stages.export import ExportConfig, export_run
 
     run = f"{prefix}/run"
-    copy_prefix(storage, trained_run["run"], run)
+    storage.copy_prefix(trained_run["run"], run)
     report = export_run(ExportConfig(run=run, quantize="int8", calibration_images=8), storage)
     layout = RunLayout(run)
     int8, fp32 = storage.read_bytes(layout.onnx), storage.read_bytes(layout.onnx_fp32)

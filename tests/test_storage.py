@@ -32,6 +32,9 @@ def test_keys_with_query_and_fragment_characters_are_read_exactly(storage, prefi
     for name in names:
         assert storage.read_bytes(f"{prefix}/{name}") == name.encode()
     assert sorted(storage.list_files(prefix)) == sorted(f"{prefix}/{n}" for n in names)
+    assert storage.copy_prefix(prefix, f"{prefix}-copy") == len(names)  # server-side copies
+    for name in names:
+        assert storage.read_bytes(f"{prefix}-copy/{name}") == name.encode()
 
 
 def test_round_trip_list_and_delete(storage, prefix):

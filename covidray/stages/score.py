@@ -328,8 +328,7 @@ class Run:
             self.storage.delete(stale)
         for folder in (old.metrics, old.predictions, old.errors):
             self.storage.delete_prefix(folder)
-        for uri in self.storage.list_files(new.root):
-            self.storage.copy(uri, old.root + uri[len(new.root):])
+        self.storage.copy_prefix(new.root, old.root)
 
     def incremental(self) -> dict:
         """Score only the objects not in the state table (nor in a killed run's part)."""
