@@ -2,19 +2,27 @@
 
 An object is identified by ``(uri, etag, size)`` (ETag and size come with every S3 listing;
 a manifest row without them is known by its URI alone). The *state table* of a scoring
-output is also its cumulative view: one row per object scored so far, with its latest
+output is also its cumulative view: one row per object the archive lists, with its latest
 result (the run that scored it, its score, prediction and threshold, or why it failed),
 sorted by URI, in Parquet parts of one schema; each run merges its own rows in and writes a
 new generation. Both the archive listing and the state are consumed as URI-sorted streams,
 so working out the new objects takes memory independent of the archive's size.
+
+The view holds exactly what the archive lists now: an object no longer listed leaves it
+(its run parts keep the night that scored it), and every row is at the latest run's
+operating threshold (a changed threshold re-applies :func:`covidray.metrics.is_positive` to
+the stored scores; the model is the same, so its scores are).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Iterable, Iterator
 
 import pandas as pd
 import pyarrow as pa
+
+from covidray.metrics import predicted_labels
 
 KEY = ("uri", "etag", "size")
 RESULT_COLUMNS = ["label", "source", "score", "prediction", "threshold", "error"]
@@ -47,22 +55,75 @@ def rows(frames: Iterable[pd.DataFrame], columns=KEY) -> Iterator[tuple]:
         yield from frame[list(columns)].itertuples(index=False, name=None)
 
 
-def not_yet_scored(listed: Iterable[pd.DataFrame], done: Iterator[tuple]
-                   ) -> Iterator[pd.DataFrame]:
-    """The rows of ``listed`` (URI-sorted frames) whose ``(uri, etag, size)`` is not in
-    ``done`` (URI-sorted key tuples): a merge of two sorted streams. A URI listed twice (a
-    manifest may) is scored once."""
+@dataclass
+class ViewChange:
+    """What a run's listing does to the cumulative view besides the objects it scores. The
+    view holds exactly the objects listed now, each at the run's operating threshold."""
+
+    threshold: float
+    listed: int = 0         # distinct URIs in the listing: the rows the next view holds
+    previous: int = 0       # rows of the view the run started from
+    kept: int = 0           # still listed and unchanged: carried over, not rescored
+    removed: int = 0        # no longer listed: they leave the view (the run parts keep them)
+    rethresholded: int = 0  # kept, but scored at another threshold: prediction re-applied
+
+    @property
+    def changes_view(self) -> bool:
+        return bool(self.removed or self.rethresholded)
+
+    def at_threshold(self, row: tuple) -> tuple:
+        """A state row with its prediction by this run's threshold (the same score: the
+        view is of one model, so only the operating point can have moved)."""
+        if not _rethresholds(row, self.threshold):
+            return row
+        row = list(row)
+        row[_PREDICTION] = str(predicted_labels([row[_SCORE]], self.threshold)[0])
+        row[_THRESHOLD] = self.threshold
+        return tuple(row)
+
+
+_SCORE, _PREDICTION, _THRESHOLD, _ERROR = (STATE_COLUMNS.index(c) for c in
+                                           ("score", "prediction", "threshold", "error"))
+
+
+def _rethresholds(row: tuple, threshold: float) -> bool:
+    score = row[_SCORE]
+    return (row[_ERROR] == "" and score is not None and score == score
+            and row[_THRESHOLD] != threshold)
+
+
+def reconcile(listed: Iterable[pd.DataFrame], done: Iterator[tuple], change: ViewChange
+              ) -> Iterator[tuple[pd.DataFrame, list[tuple]]]:
+    """Merge the listing (URI-sorted frames with ``uri, etag, size``) with the view's rows
+    ``done`` (URI-sorted ``STATE_COLUMNS`` tuples): for each frame, the rows still to score
+    (a new or changed ``(uri, etag, size)``; a URI listed twice, as a manifest may, once)
+    and the view's rows kept (listed and unchanged). A row whose object is no longer listed
+    is counted in ``change.removed`` and dropped."""
     current, previous = next(done, None), None
     for frame in listed:
-        keep = []
+        todo, kept = [], []
         for uri, etag, size in frame[list(KEY)].itertuples(index=False, name=None):
-            while current is not None and current[0] < uri:
-                current = next(done, None)
-            keep.append(uri != previous and (current is None or current[0] != uri
-                                             or (current[1], current[2]) != (etag, size)))
+            if uri == previous:
+                todo.append(False)
+                continue
             previous = uri
-        if any(keep):
-            yield frame[keep]
+            change.listed += 1
+            while current is not None and current[0] < uri:
+                change.previous, change.removed = change.previous + 1, change.removed + 1
+                current = next(done, None)
+            unchanged = current is not None and tuple(current[:3]) == (uri, etag, size)
+            todo.append(not unchanged)
+            if unchanged:
+                kept.append(current)
+                change.kept += 1
+                change.rethresholded += _rethresholds(current, change.threshold)
+            if current is not None and current[0] == uri:
+                change.previous += 1
+                current = next(done, None)
+        yield frame[todo], kept
+    while current is not None:
+        change.previous, change.removed = change.previous + 1, change.removed + 1
+        current = next(done, None)
 
 
 def merged_state(previous: Iterator[tuple], new: Iterator[tuple]) -> Iterator[tuple]:

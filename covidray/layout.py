@@ -31,10 +31,12 @@ a **scoring output** (``covidray score --output``)::
                                      (result/) until it is complete and copied into place
   and with ``--incremental`` (nightly runs) the same per run, plus the cumulative view:
     <output>/runs/<run>/...          one dated part per run (config, predictions, errors, ...)
-    <output>/state/<run>/*.parquet   the cumulative view: one row per object scored so far,
-                                     its latest result (uri, etag, size, run, label, source,
-                                     score, prediction, threshold, error), URI-sorted
-    <output>/_CURRENT.json           committed runs and the latest state: what readers use
+    <output>/state/<run>/*.parquet   the cumulative view: one row per object listed now, its
+                                     latest result (uri, etag, size, run, label, source,
+                                     score, prediction, threshold, error) at the latest
+                                     run's threshold, URI-sorted
+    <output>/_CURRENT.json           archive, threshold, committed runs and the latest state:
+                                     what readers use
 
 an **evaluation directory** (``covidray evaluate``; ``<run>/eval`` by default)::
 

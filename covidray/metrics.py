@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from covidray.labels import LABELS
+
 PAPER_THRESHOLDS = (0.10, 0.15, 0.20, 0.25)
 HISTOGRAM_BINS = 50
 
@@ -20,6 +22,11 @@ HISTOGRAM_BINS = 50
 def is_positive(scores, threshold: float) -> np.ndarray:
     """The decision rule: an image is called COVID when its score is >= the threshold."""
     return np.asarray(scores) >= threshold
+
+
+def predicted_labels(scores, threshold: float) -> np.ndarray:
+    """The label :func:`is_positive` gives each score: ``covid`` or ``non_covid``."""
+    return np.where(is_positive(scores, threshold), LABELS[1], LABELS[0])
 
 
 def sweep_thresholds() -> np.ndarray:

@@ -17,7 +17,7 @@ import numpy as np
 from covidray.datasets import model_inputs
 from covidray.images import INPUT_SIZE, RECIPE
 from covidray.labels import LABELS, POSITIVE_LABEL
-from covidray.metrics import is_positive
+from covidray.metrics import predicted_labels
 
 # torch is imported only by the functions that export or compare with it: a scoring actor
 # runs onnxruntime alone and starts without loading torch.
@@ -271,8 +271,8 @@ class OnnxScorer:
         if ok.any():
             probabilities = self.session.run(["probabilities"], {"input": inputs})[0]
             scores[ok] = probabilities[:, self.positive]
-        predicted = is_positive(np.nan_to_num(scores, nan=-1.0), self.threshold)
-        prediction = np.where(ok, np.where(predicted, LABELS[1], LABELS[0]), None)
+        predicted = predicted_labels(np.nan_to_num(scores, nan=-1.0), self.threshold)
+        prediction = np.where(ok, predicted, None)
         return {**{c: batch[c] for c in self.keep}, "target": batch["target"], "score": scores,
                 "prediction": prediction.astype(object),
                 "threshold": np.full(len(ok), self.threshold), "error": batch["error"]}

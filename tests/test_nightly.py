@@ -13,7 +13,8 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 
-from covidray.incremental import STATE_SCHEMA, merged_state, not_yet_scored
+from covidray.incremental import STATE_COLUMNS, STATE_SCHEMA, ViewChange, merged_state, reconcile
+from covidray.metrics import predicted_labels
 from covidray.layout import RunLayout, ScoreLayout
 from covidray.lease import Lease, LeaseHeld
 from covidray.stages.score import ScoreConfig, score_archive
@@ -49,16 +50,36 @@ def cumulative(storage, output: str) -> pd.DataFrame:
     return storage.read_parquet_dir(state)
 
 
-def test_sorted_merges_find_new_and_changed_objects():
+def state_row(uri, etag="1", size=1, score=0.4, threshold=0.5, error=""):
+    prediction = None if error else str(predicted_labels([score], threshold)[0])
+    return (uri, etag, size, "r1", "covid", "", None if error else score, prediction,
+            None if error else threshold, error)
+
+
+def test_sorted_merges_find_new_changed_and_unlisted_objects():
     listed = [pd.DataFrame({"uri": ["a", "b", "c", "d"], "etag": ["1", "2", "3", "4"],
                             "size": [1, 2, 3, 4]})]
-    done = iter([("a", "1", 1, "r1"), ("b", "X", 2, "r1"), ("d", "4", 4, "r1")])
-    todo = pd.concat(list(not_yet_scored(iter(listed), done)))
+    done = iter([state_row("a"), state_row("b", "X", 2), state_row("bb", score=0.9),
+                 state_row("d", "4", 4), state_row("z", error="truncated")])
+    change = ViewChange(threshold=0.5)
+    (todo, kept), = reconcile(iter(listed), done, change)
     assert todo["uri"].tolist() == ["b", "c"]  # b changed, c new
+    assert [row[0] for row in kept] == ["a", "d"]
+    assert (change.listed, change.previous, change.kept, change.removed) == (4, 5, 2, 2)
+    assert change.rethresholded == 0 and change.changes_view  # bb and z are no longer listed
+
     twice = [pd.DataFrame({"uri": ["c", "c"], "etag": ["3", "3"], "size": [3, 3]}),
              pd.DataFrame({"uri": ["c", "e"], "etag": ["3", "5"], "size": [3, 5]})]
-    todo = pd.concat(list(not_yet_scored(iter(twice), iter([("a", "1", 1, "r1")]))))
-    assert todo["uri"].tolist() == ["c", "e"]  # a manifest's repeated row is scored once
+    change = ViewChange(threshold=0.3)
+    out = list(reconcile(iter(twice), iter([state_row("c", "3", 3)]), change))
+    assert pd.concat([t for t, _ in out])["uri"].tolist() == ["e"]  # c listed 3 times, kept once
+    assert [row[0] for _, k in out for row in k] == ["c"] and change.listed == 2
+    assert change.rethresholded == 1 and change.removed == 0  # scored at 0.5, the run at 0.3
+
+    moved = dict(zip(STATE_COLUMNS, change.at_threshold(state_row("c", score=0.4))))
+    assert (moved["prediction"], moved["threshold"], moved["score"]) == ("covid", 0.3, 0.4)
+    failed = state_row("f", error="not an image")
+    assert change.at_threshold(failed) == failed  # no score: nothing to re-apply
     merged = list(merged_state(iter([("a", 1), ("b", 1), ("d", 1)]),
                                iter([("b", 2), ("c", 2)])))
     assert merged == [("a", 1), ("b", 2), ("c", 2), ("d", 1)]
@@ -194,3 +215,50 @@ def test_a_run_that_died_between_its_marker_and_the_cumulative_view_is_adopted(
     assert len(view) == 6 and view["uri"].is_unique
     assert sorted(p.rsplit("/", 1)[-1] for p in storage.list_files(ScoreLayout(output).runs)
                   if p.endswith("config.json")) == ["config.json"] * 2  # the dead part is gone
+
+
+def test_the_view_follows_the_listing_and_the_threshold_and_refuses_to_lose_most_of_it(
+        storage, trained_run, prefix, ray_local):
+    """An object deleted from the archive leaves the view; a new threshold re-applies to every
+    row (no rescoring); a listing that would drop most of the view, or another archive,
+    fails and leaves the view as it was."""
+    archive, output = f"{prefix}/archive", f"{prefix}/nightly"
+    model = RunLayout(trained_run["run"]).onnx
+    add_images(storage, archive, [f"img-{i}.png" for i in range(6)])
+    storage.write_bytes(f"{archive}/covid/broken.png", b"not a png")
+
+    def nightly(**options):
+        return score_archive(ScoreConfig(archive, model, output, incremental=True, **options),
+                             storage)
+
+    first = nightly(threshold=0.5)
+    storage.delete(f"{archive}/non_covid/img-0.png")
+    second = nightly(threshold=0.3)  # nothing to score, yet the view changes
+    assert (second["new"], second["scored"], second["removed"], second["rethresholded"]) == \
+        (0, 0, 1, 5)
+    current = storage.read_json(ScoreLayout(output).current)
+    assert current["runs"] == [first["run"], second["run"]] and current["objects"] == 6
+    assert (current["threshold"], current["archive"]) == (0.3, archive)
+    view = cumulative(storage, output).set_index("uri")
+    assert sorted(u.rsplit("/", 1)[-1] for u in view.index) == \
+        ["broken.png", *(f"img-{i}.png" for i in range(1, 6))]
+    scored = view[view["error"] == ""]
+    assert len(scored) == 5 and (scored["threshold"] == 0.3).all()
+    assert (scored["prediction"] == predicted_labels(scored["score"], 0.3)).all()
+    assert (scored["run"] == first["run"]).all()  # re-thresholded, not rescored
+    assert len(in_parts(storage, output)) == 6  # the first run's six; the second's is empty
+
+    for i in range(1, 5):  # 4 of the view's 6 objects gone: more than --max-removed 0.5
+        storage.delete(f"{archive}/{'covid' if i % 2 else 'non_covid'}/img-{i}.png")
+    with pytest.raises(ValueError, match="4 of the 6 objects in the cumulative view are no "
+                                         "longer listed"):
+        nightly(threshold=0.3)
+    assert storage.read_json(ScoreLayout(output).current) == current  # the view as it was
+    with pytest.raises(ValueError, match="holds the nightly view of the archive"):
+        score_archive(ScoreConfig(f"{prefix}/other", model, output, incremental=True), storage)
+    with pytest.raises(ValueError, match="a share of the cumulative view"):
+        nightly(max_removed=50)  # a count, not a share: refused before any work
+    fourth = nightly(threshold=0.3, max_removed=1.0)
+    assert (fourth["removed"], fourth["new"]) == (4, 0)
+    assert sorted(u.rsplit("/", 1)[-1] for u in cumulative(storage, output)["uri"]) == \
+        ["broken.png", "img-5.png"]

@@ -9,7 +9,8 @@ every listed image is in exactly one of ``predictions`` or ``errors``.
 
 With ``--incremental`` each run is a dated part (``<output>/runs/<run>/``) and
 ``<output>/_CURRENT.json`` is the cumulative view readers use: the committed runs and the
-state table (every object scored so far, for this model). A run killed half-way leaves a
+state table (every object the archive lists now, for this model, at this run's threshold).
+A run killed half-way leaves a
 part without ``_SUCCESS.json``; the next run adopts what it wrote instead of rescoring it.
 """
 
@@ -28,8 +29,8 @@ from covidray.datasets import (ARCHIVE_COLUMNS, LOADED_COLUMNS, is_manifest, ite
                                load_pixels, manifest_to_index, normalise_index)
 from covidray.images import IMAGE_SUFFIXES, INPUT_SIZE
 from covidray.incremental import (STATE_COLUMNS, STATE_SCHEMA, UNKNOWN_ETAG, UNKNOWN_SIZE,
-                                  frames_of, merged_state, not_yet_scored, rows, state_frame,
-                                  state_table)
+                                  ViewChange, frames_of, merged_state, reconcile, rows,
+                                  state_frame, state_table)
 from covidray.labels import LABELS, label_index
 from covidray.layout import ScoreLayout, model_card_beside
 from covidray.lease import Lease
@@ -81,6 +82,10 @@ class ScoreConfig:
                                       "view; a killed run is resumed by the next")
     lease_seconds: float = option(300.0, "a run holds <output>/_LEASE.json, renewed every third "
                                          "of this; a killed run's lease lapses after it")
+    max_removed: float = option(0.5, "--incremental: the largest share of the cumulative view "
+                                     "one run may drop because its objects are no longer "
+                                     "listed; more fails the run, leaving the view as it was "
+                                     "(a truncated manifest would otherwise empty it)")
     progress_seconds: float = option(30.0, "seconds between progress lines (each also writes "
                                            "the results so far: what a resumed run keeps)")
 
@@ -102,6 +107,11 @@ def snapshot_index(storage: Storage, archive: str, staging: str,
         raise StorageError(f"no images found in '{archive}' "
                            f"(looked for {', '.join(IMAGE_SUFFIXES)})")
     return listed
+
+
+def same_archive(one: str, other: str) -> bool:
+    """Whether two ``--archive`` values name the same archive (``s3://b/x/`` is ``s3://b/x``)."""
+    return Location.parse(one).uri == Location.parse(other).uri
 
 
 def _carried(frame: pd.DataFrame) -> pd.DataFrame:
@@ -143,14 +153,15 @@ def _manifest_chunks(storage: Storage, manifest: str):
                                    chunksize=INDEX_PART_ROWS)
 
 
-def parquet_parts(storage: Storage, folders: list[str], columns: list[str] | None = None,
-                  state_of_run: str | None = None):
-    """The Parquet parts under ``folders`` as a Ray Dataset, one block a part, read through
-    :class:`Storage` (so an outage is ridden out up to its bound, then fails the run). With
-    ``state_of_run``, result parts become that run's state rows."""
+def parquet_parts(storage: Storage, folders: list[str] = (), columns: list[str] | None = None,
+                  state_of_run: str | None = None, parts: list[str] = ()):
+    """The Parquet parts under ``folders`` (and the ``parts`` named) as a Ray Dataset, one
+    block a part, read through :class:`Storage` (so an outage is ridden out up to its bound,
+    then fails the run). With ``state_of_run``, result parts become that run's state rows."""
     import ray.data
 
-    parts = [p for folder in folders for p in storage.list_files(folder, (".parquet",))]
+    parts = [*parts, *(p for folder in folders
+                       for p in storage.list_files(folder, (".parquet",)))]
     return ray.data.from_items([{"part": p} for p in parts],
                                override_num_blocks=max(1, len(parts))).map_batches(
         _read_parts, fn_kwargs={"storage": storage, "columns": columns, "run": state_of_run},
@@ -218,6 +229,9 @@ def score_archive(config: ScoreConfig, storage: Storage, ray_address: str | None
     """
     started = time.time()
     output = config.output
+    if not 0 <= config.max_removed <= 1:
+        raise ValueError(f"--max-removed {config.max_removed:g}: a share of the cumulative view, "
+                         "from 0 (never drop an object) to 1")
     if not is_manifest(config.archive) and Location.parse(config.archive).contains(
             Location.parse(output)):
         raise ValueError(f"--output {output} is inside --archive {config.archive}: the next run "
@@ -342,8 +356,8 @@ class Run:
                                     self.config.allow_local_paths)
             counts = self.adopt_killed_runs()
             adopted = counts["scored"] + counts["failed"]
-            todo = self.stage_todo(current, adopted)
-            if todo == 0 and adopted == 0:
+            todo, change = self.stage_todo(current, adopted)
+            if todo == 0 and adopted == 0 and not change.changes_view:
                 storage.delete_prefix(layout.root)
                 last = current["runs"][-1] if current["runs"] else "none"
                 print(f"nothing new: all {listed} listed objects were already scored by this "
@@ -351,10 +365,12 @@ class Run:
                 return {"archive": self.config.archive, "output": self.config.output,
                         "listed": listed, "new": 0, "nothing_new": True, "last_run": last}
             print(f"{todo} of {listed} listed objects are new or changed", flush=True)
+            self.report_view_change(change)
             if todo:
                 counts = self.score(staged(self.staging, "todo"), todo, already=counts)
-            summary = self.finish(todo + adopted, counts, listed, new=todo, adopted=adopted)
-            self.write_state(current)
+            summary = self.finish(todo + adopted, counts, listed, new=todo, adopted=adopted,
+                                  removed=change.removed, rethresholded=change.rethresholded)
+            self.write_state(change)
             return summary
         finally:
             storage.delete_prefix(self.staging)
@@ -431,11 +447,18 @@ class Run:
     # --- incremental state ------------------------------------------------------------------
     def current(self) -> dict:
         """The cumulative view this run started from, or an empty one (also when the model
-        changed)."""
+        changed). A view of another archive is refused: this run would drop all of it."""
         if self._current is None:
             self._current = {"runs": [], "state": None, "model_digest": self.model_digest}
             if self.storage.exists(self.base.current):
                 current = self.storage.read_json(self.base.current)
+                if not same_archive(current.get("archive", self.config.archive),
+                                    self.config.archive):
+                    raise ValueError(
+                        f"{self.config.output} holds the nightly view of the archive "
+                        f"{current['archive']}, not of {self.config.archive}: give this "
+                        f"archive its own --output (or remove {self.base.current} to start "
+                        "this output's view again)")
                 if current.get("model_digest") == self.model_digest:
                     self._current = current
                 else:
@@ -472,13 +495,18 @@ class Run:
             print(f"resumed: adopted what the unfinished run {name} had written", flush=True)
         return counts
 
-    def sorted_results(self):
-        """This run's predictions and errors as state rows, URI-sorted by one Ray sort."""
-        folders = [self.work.predictions, self.work.errors]
-        if not any(True for f in folders for _ in self.storage.list_files(f, (".parquet",))):
+    def sorted_results(self, scored_here: bool = False):
+        """This run's predictions and errors as state rows, URI-sorted by one Ray sort: all of
+        them (those adopted from killed runs too), or with ``scored_here`` only the parts
+        this run scored itself."""
+        parts = [p for folder in (self.work.predictions, self.work.errors)
+                 for p in self.storage.list_files(folder, (".parquet",))
+                 if not p.endswith("/part-empty.parquet")
+                 and (not scored_here or p.rsplit("/", 1)[-1].startswith(self.run_id + "-"))]
+        if not parts:
             return iter(())
         self.connect()
-        data = parquet_parts(self.storage, folders, state_of_run=self.run_id)
+        data = parquet_parts(self.storage, parts=parts, state_of_run=self.run_id)
         return rows(data.sort("uri").iter_batches(batch_size=65_536, batch_format="pandas"),
                     STATE_COLUMNS)
 
@@ -489,28 +517,66 @@ class Run:
         parts = sorted(self.storage.list_files(current["state"], (".parquet",)))
         return rows((state_frame(self.storage.read_table(p)) for p in parts), STATE_COLUMNS)
 
-    def stage_todo(self, current: dict, adopted: int) -> int:
-        """Write the objects still to score to ``<staging>/todo``; returns how many."""
+    def stage_todo(self, current: dict, adopted: int) -> tuple[int, ViewChange]:
+        """One merge of the sorted listing with the view (and what was adopted): the objects
+        still to score go to ``<staging>/todo``, the view's rows still listed and unchanged
+        to ``<staging>/kept``. Returns how many to score, and what happens to the view."""
         self.connect()
         listing = staged_index(self.storage, self.staging).sort("uri").iter_batches(
             batch_size=65_536, batch_format="pandas")
         done = merged_state(self.state_rows(current),
                             self.sorted_results() if adopted else iter(()))
-        todo = 0
-        for number, frame in enumerate(not_yet_scored(listing, done)):
-            self.storage.write_table(f"{staged(self.staging, 'todo')}/part-{number:05d}.parquet",
-                                     frame)
-            todo += len(frame)
-        return todo
+        change, todo, kept, parts = ViewChange(self.threshold), 0, [], 0
+        for number, (frame, still) in enumerate(reconcile(listing, done, change)):
+            if len(frame):
+                self.storage.write_table(
+                    f"{staged(self.staging, 'todo')}/part-{number:05d}.parquet", frame)
+                todo += len(frame)
+            kept.extend(still)
+            if len(kept) >= STATE_PART_ROWS:
+                parts = self._write_kept(kept, parts)
+                kept = []
+        if kept:
+            self._write_kept(kept, parts)
+        if change.previous and change.removed > self.config.max_removed * change.previous:
+            raise ValueError(
+                f"not published: {change.removed} of the {change.previous} objects in the "
+                f"cumulative view are no longer listed in {self.config.archive} (more than "
+                f"--max-removed {self.config.max_removed:g} of it). If the archive really "
+                "shrank, run again with a larger --max-removed")
+        return todo, change
 
-    def write_state(self, current: dict) -> None:
-        """The next state table generation (the cumulative view): the previous one with this
-        run's results merged in, one schema in every part."""
+    def _write_kept(self, kept: list[tuple], number: int) -> int:
+        frame = pd.DataFrame(kept, columns=STATE_COLUMNS)
+        self.storage.write_table(f"{staged(self.staging, 'kept')}/part-{number:05d}.parquet",
+                                 frame, STATE_SCHEMA)
+        return number + 1
+
+    def report_view_change(self, change: ViewChange) -> None:
+        if change.removed:
+            print(f"{change.removed} objects of the cumulative view are no longer listed: they "
+                  "leave it (the run parts that scored them stay)", flush=True)
+        if change.rethresholded:
+            print(f"{change.rethresholded} earlier predictions re-applied at threshold "
+                  f"{self.threshold:.4g} (same model, same scores)", flush=True)
+
+    def write_state(self, change: ViewChange) -> None:
+        """The next state table generation (the cumulative view): the rows kept from the
+        previous one and the objects this run scored, every row at this run's threshold, one
+        schema in every part; exactly one row per object listed, or nothing is published."""
         target = self.base.state(self.run_id)
-        merged = merged_state(self.state_rows(current), self.sorted_results())
-        for number, frame in enumerate(frames_of(merged, STATE_COLUMNS, STATE_PART_ROWS)):
+        kept = sorted(self.storage.list_files(staged(self.staging, "kept"), (".parquet",)))
+        merged = merged_state(rows((self.storage.read_table(p) for p in kept), STATE_COLUMNS),
+                              self.sorted_results(scored_here=True))
+        written = 0
+        for number, frame in enumerate(frames_of(map(change.at_threshold, merged),
+                                                 STATE_COLUMNS, STATE_PART_ROWS)):
             self.storage.write_table(f"{target}/part-{number:05d}.parquet", frame, STATE_SCHEMA)
-        self.state = target
+            written += len(frame)
+        if written != change.listed:
+            raise RuntimeError(f"not published: the cumulative view would hold {written} "
+                               f"objects for the {change.listed} listed")
+        self.state, self.view_rows = target, written
 
     def current_view(self, summary: dict) -> dict:
         """The new ``_CURRENT.json``: every committed run part and the latest state."""
@@ -519,7 +585,9 @@ class Run:
             if not (old_state.startswith(self.state + "/")
                     or (previous["state"] and old_state.startswith(previous["state"] + "/"))):
                 self.storage.delete(old_state)  # generations before the last two
-        return {"model": self.config.model, "model_digest": self.model_digest,
+        return {"archive": self.config.archive, "model": self.config.model,
+                "model_digest": self.model_digest, "threshold": self.threshold,
+                "objects": self.view_rows,
                 "runs": [*previous["runs"], self.run_id], "state": self.state,
                 "last_run": summary, "parts": [self.base.run_part(r)
                                                for r in [*previous["runs"], self.run_id]]}
