@@ -1,7 +1,8 @@
 """What a nightly scoring run still has to do: the objects not already scored by this model.
 
 An object is identified by ``(uri, etag, size)`` (ETag and size come with every S3 listing;
-a manifest row without them is known by its URI alone). The *state table* of a scoring
+a manifest row without them gets them from the object itself, see
+:func:`covidray.stages.score.with_identity`; one that cannot be read keeps none). The *state table* of a scoring
 output is also its cumulative view: one row per object the archive lists, with its latest
 result (the run that scored it, its score, prediction and threshold, or why it failed),
 sorted by URI, in Parquet parts of one schema; each run merges its own rows in and writes a
@@ -31,7 +32,7 @@ STATE_SCHEMA = pa.schema([("uri", pa.string()), ("etag", pa.string()), ("size", 
                           ("score", pa.float64()), ("prediction", pa.string()),
                           ("threshold", pa.float64()), ("error", pa.string())])
 STATE_COLUMNS = STATE_SCHEMA.names  # the key, the run, then RESULT_COLUMNS
-UNKNOWN_ETAG, UNKNOWN_SIZE = "", -1  # a manifest row without them: known by URI alone
+UNKNOWN_ETAG, UNKNOWN_SIZE = "", -1  # not known (yet): a manifest row without them
 
 
 def state_table(part: pd.DataFrame, run: str) -> pa.Table:

@@ -481,6 +481,28 @@ class Storage:
                 return False
             raise
 
+    def identity(self, uri: str) -> tuple[str, int] | None:
+        """``(etag, size)`` of the object's current version, as a listing gives them; None
+        where it cannot be read (missing, access denied: loading it then says why)."""
+        location = _as_location(uri)
+        if not location.is_s3:
+            try:
+                return _local_etag(location.key), os.path.getsize(location.key)
+            except OSError:
+                return None
+        import botocore.exceptions as bx
+
+        def head():
+            try:
+                response = self.client().head_object(Bucket=location.bucket, Key=location.key)
+            except bx.ClientError as exc:
+                if exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") in (403, 404):
+                    return None
+                raise
+            return response["ETag"], int(response["ContentLength"])
+
+        return self.riding_out_outages(head, f"reading the version of {location.uri}")
+
     def list_files(self, uri: str, suffixes: tuple[str, ...] | None = None) -> Iterator[str]:
         """Every object (file) under ``uri``, recursively, in key order, streamed page by page."""
         for obj in self.list_objects(uri, suffixes):

@@ -262,3 +262,27 @@ def test_the_view_follows_the_listing_and_the_threshold_and_refuses_to_lose_most
     assert (fourth["removed"], fourth["new"]) == (4, 0)
     assert sorted(u.rsplit("/", 1)[-1] for u in cumulative(storage, output)["uri"]) == \
         ["broken.png", "img-5.png"]
+
+
+def test_a_manifest_without_etags_still_sees_an_object_rewritten_under_its_key(
+        storage, trained_run, prefix, ray_local):
+    """A manifest names objects, not versions: each row's ETag and size are read from the
+    object, so a rewritten one is scored again, and a missing one is not retried as new."""
+    images, manifest = f"{prefix}/images", f"{prefix}/manifest.csv"
+    output, model = f"{prefix}/nightly", RunLayout(trained_run["run"]).onnx
+    add_images(storage, images, ["a.png", "b.png", "c.png"])
+    uris = [f"{images}/non_covid/a.png", f"{images}/covid/b.png", f"{images}/non_covid/c.png",
+            f"{images}/covid/gone.png"]
+    storage.write_table(manifest, pd.DataFrame({"uri": uris, "label": [
+        "non_covid", "covid", "non_covid", "covid"]}))
+    first = score_archive(ScoreConfig(manifest, model, output, incremental=True), storage)
+    assert (first["new"], first["scored"], first["failed"]) == (4, 3, 1)
+
+    rng = np.random.default_rng(5)  # b.png rewritten under its key: the manifest is the same
+    storage.write_bytes(uris[1], encode(synthetic_xray(True, rng, size=(96, 96)), "png"))
+    second = score_archive(ScoreConfig(manifest, model, output, incremental=True), storage)
+    assert (second["new"], second["scored"], second["failed"]) == (1, 1, 0)
+    view = cumulative(storage, output).set_index("uri")
+    assert view.loc[uris[1], "run"] == second["run"]
+    assert (view.loc[uris[1], "etag"], view.loc[uris[1], "size"]) == storage.identity(uris[1])
+    assert view.loc[uris[3], "run"] == first["run"] and view.loc[uris[3], "error"]

@@ -123,6 +123,21 @@ def _carried(frame: pd.DataFrame) -> pd.DataFrame:
     return frame[CARRIED]
 
 
+def with_identity(frame: pd.DataFrame, storage: Storage) -> pd.DataFrame:
+    """Index rows without ETag and size (a manifest may have none) get them from the object,
+    as a listing gives them, so a nightly run sees an object rewritten under its key."""
+    unknown = np.flatnonzero((frame["etag"] == UNKNOWN_ETAG).to_numpy())
+    if not len(unknown):
+        return frame
+    frame = frame.copy()
+    etag, size = frame.columns.get_loc("etag"), frame.columns.get_loc("size")
+    for row in unknown:
+        found = storage.identity(frame["uri"].iat[row])
+        if found:
+            frame.iat[row, etag], frame.iat[row, size] = found
+    return frame
+
+
 def _index_chunks(storage: Storage, archive: str, allow_local_paths: bool):
     if is_manifest(archive):
         for chunk in _manifest_chunks(storage, archive):
@@ -522,8 +537,11 @@ class Run:
         still to score go to ``<staging>/todo``, the view's rows still listed and unchanged
         to ``<staging>/kept``. Returns how many to score, and what happens to the view."""
         self.connect()
-        listing = staged_index(self.storage, self.staging).sort("uri").iter_batches(
-            batch_size=65_536, batch_format="pandas")
+        index = staged_index(self.storage, self.staging)
+        if is_manifest(self.config.archive):  # a listing has every ETag; a manifest may not
+            index = index.map_batches(with_identity, fn_kwargs={"storage": self.storage},
+                                      batch_size=None, batch_format="pandas", num_cpus=0.25)
+        listing = index.sort("uri").iter_batches(batch_size=65_536, batch_format="pandas")
         done = merged_state(self.state_rows(current),
                             self.sorted_results() if adopted else iter(()))
         change, todo, kept, parts = ViewChange(self.threshold), 0, [], 0
