@@ -29,6 +29,7 @@ a **scoring output** (``covidray score --output``)::
     <output>/_LEASE.json             held by the run in progress
     <output>/_staging/<run>/         the run in progress: its index snapshot, and its result
                                      (result/) until it is complete and copied into place
+                                     (ready.json: complete, being swapped in)
   and with ``--incremental`` (nightly runs) the same per run, plus the cumulative view:
     <output>/runs/<run>/...          one dated part per run (config, predictions, errors, ...)
     <output>/state/<run>/*.parquet   the cumulative view: one row per object listed now, its

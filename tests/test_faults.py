@@ -122,6 +122,44 @@ def test_an_outage_longer_than_the_bound_fails_and_leaves_the_last_result_in_pla
     assert storage.read_json(layout.metrics_json)["images"] == 12
 
 
+def test_a_run_that_dies_while_it_swaps_its_result_in_is_finished_by_the_next(
+        storage, trained_run, prefix, ray_local, monkeypatch):
+    """The old result was removed and the new one half copied when the run died (here: an
+    outage past its bound in the copy). The next run into the output finishes that swap
+    before anything else, so even when it then fails itself, the output holds a whole result."""
+    import pytest
+
+    model, layout = RunLayout(trained_run["run"]).onnx, ScoreLayout(f"{prefix}/out")
+    score_archive(ScoreConfig(small_archive(storage, f"{prefix}/earlier", 6), model,
+                              layout.root), storage)
+    archive = small_archive(storage, f"{prefix}/archive", 12)
+    copy_prefix = Storage.copy_prefix
+
+    def dies_half_way(self, source, target):
+        for uri in list(self.list_files(source))[:3]:
+            self.copy(uri, target + uri[len(source):])
+        raise StorageOutage("the server kept failing while copying (test)")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(Storage, "copy_prefix", dies_half_way)
+        with pytest.raises(StorageOutage):
+            score_archive(ScoreConfig(archive, model, layout.root), storage)
+    assert not storage.exists(layout.success)  # unpublished, half replaced
+    assert Storage.copy_prefix is copy_prefix
+
+    empty = f"{prefix}/empty"
+    storage.write_table(f"{empty}/manifest.csv", pd.DataFrame({"uri": [], "label": []}))
+    with pytest.raises(Exception, match="no images found"):  # the next run fails, after ...
+        score_archive(ScoreConfig(f"{empty}/manifest.csv", model, layout.root), storage)
+    marker = storage.read_json(layout.success)  # ... finishing the dead run's swap
+    assert marker["archive"] == archive and marker["scored"] == 12 and marker["reconciled"]
+    assert storage.read_json(layout.config)["archive"] == archive
+    assert sorted(storage.read_parquet_dir(layout.predictions)["uri"]) == sorted(
+        storage.read_table(archive)["uri"])
+    assert storage.read_json(layout.metrics_json)["images"] == 12
+    assert not list(storage.list_files(layout.staging))
+
+
 def test_an_inference_actor_killed_mid_run_is_restarted_and_the_counts_reconcile(
         storage, trained_run, prefix, ray_local):
     """SIGKILL the onnxruntime actor's process while it scores: Ray restarts it, its batches

@@ -198,6 +198,12 @@ def staged(staging: str, name: str = "index") -> str:
     return f"{staging}/{name}"
 
 
+def ready_marker(staging: str) -> str:
+    """Written in a whole run's staging once its result is complete, before the swap: the
+    run's summary, so that whoever finishes the swap writes the right ``_SUCCESS.json``."""
+    return f"{staging}/ready.json"
+
+
 def staged_index(storage: Storage, staging: str):
     """This run's index snapshot as a Ray Dataset."""
     return parquet_parts(storage, [staged(staging)])
@@ -281,9 +287,11 @@ def score_archive(config: ScoreConfig, storage: Storage, ray_address: str | None
         if summary.get("nothing_new"):
             return summary
         lease.check()
-        storage.write_json(run.layout.success, summary)
-        if config.incremental:  # the cumulative view readers use moves last
-            storage.write_json(base.current, run.current_view(summary))
+        if config.incremental:
+            storage.write_json(run.layout.success, summary)
+            storage.write_json(base.current, run.current_view(summary))  # readers' view last
+        else:
+            run.publish(summary)
     return summary
 
 
@@ -325,15 +333,28 @@ class Run:
         self._current = None
 
     def clear_dead_staging(self) -> None:
-        """Remove what runs killed before they cleaned up left in ``_staging``: this run holds
-        the output's lease, so no other live run is using it."""
+        """Finish or remove what runs that died left in ``_staging``: this run holds the
+        output's lease, so no other live run is using it. A run that died while it swapped
+        its complete result in (killed, or an outage past its bound) left the published
+        result half replaced: its swap is finished first, so the output holds a whole result
+        again, that run's."""
+        staging = Location.parse(self.base.staging).uri
+        for ready in self.storage.list_files(self.base.staging, (".json",)):
+            run_staging = ready.rsplit("/", 1)[0]
+            if (ready != ready_marker(run_staging)
+                    or Location.parse(run_staging).uri.rsplit("/", 1)[0] != staging):
+                continue
+            summary = self.storage.read_json(ready)
+            self.replace_published(ScoreLayout(staged(run_staging, "result")), summary)
+            print(f"published the complete result of run {summary['run']}, which died while "
+                  "it replaced the previous one", flush=True)
         removed = self.storage.delete_prefix(self.base.staging)
         if removed:
             print(f"removed {removed} staging objects left by an unfinished run", flush=True)
 
     def whole(self) -> dict:
-        """Score the whole archive, then put the result in place of what a previous run wrote
-        (which stays published until this run is complete and reconciled)."""
+        """Score the whole archive into this run's staging; the previous result stays
+        published until :meth:`publish` (only for a complete, reconciled result)."""
         storage = self.storage
         self.clear_dead_staging()
         storage.write_json(self.work.config, {**to_dict(self.config), "run": self.run_id})
@@ -341,23 +362,30 @@ class Run:
             listed = snapshot_index(storage, self.config.archive, self.staging,
                                     self.config.allow_local_paths)
             counts = self.score(staged(self.staging), listed)
-            summary = self.finish(listed, counts, listed)
-            self.lease.check()
-            self.replace_published()
-            return summary
-        finally:
+            return self.finish(listed, counts, listed)
+        except BaseException:
             storage.delete_prefix(self.staging)
+            raise
 
-    def replace_published(self) -> None:
-        """Swap this run's complete result in for the output's previous one: unpublish it
-        (readers wait for the new marker, which the caller writes last), remove it, and copy
-        this run's predictions, errors, metrics and config into place."""
-        old, new = self.layout, self.work
+    def publish(self, summary: dict) -> None:
+        """Put this run's complete result in place of the output's previous one. Once the
+        staged result is marked ready, a failure part-way leaves it in staging, and the next
+        run into the output finishes the swap (:meth:`clear_dead_staging`)."""
+        self.storage.write_json(ready_marker(self.staging), summary)
+        self.replace_published(self.work, summary)
+        self.storage.delete_prefix(self.staging)
+
+    def replace_published(self, new: ScoreLayout, summary: dict) -> None:
+        """Swap a complete staged result in for the output's published one: unpublish it
+        (readers wait for the marker), remove it (nothing of it stays beside the new one),
+        copy the new predictions, errors, metrics and config into place, marker last."""
+        old = self.base
         for stale in (old.success, old.current):
             self.storage.delete(stale)
         for folder in (old.metrics, old.predictions, old.errors):
             self.storage.delete_prefix(folder)
         self.storage.copy_prefix(new.root, old.root)
+        self.storage.write_json(old.success, summary)
 
     def incremental(self) -> dict:
         """Score only the objects not in the state table (nor in a killed run's part)."""
