@@ -36,8 +36,8 @@ a **scoring output** (``covidray score --output``)::
                                      latest result (uri, etag, size, run, label, source,
                                      score, prediction, threshold, error) at the latest
                                      run's threshold, URI-sorted
-    <output>/_CURRENT.json           archive, threshold, committed runs and the latest state:
-                                     what readers use
+    <output>/_CURRENT.json           archive, model, views, threshold, committed runs and the
+                                     latest state: what readers use
 
 an **evaluation directory** (``covidray evaluate``; ``<run>/eval`` by default)::
 

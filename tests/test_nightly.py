@@ -262,6 +262,9 @@ def test_the_view_follows_the_listing_and_the_threshold_and_refuses_to_lose_most
     assert (fourth["removed"], fourth["new"]) == (4, 0)
     assert sorted(u.rsplit("/", 1)[-1] for u in cumulative(storage, output)["uri"]) == \
         ["broken.png", "img-5.png"]
+    fifth = nightly(threshold=0.3, views="all")  # what --views skipped may now be scored
+    assert (fifth["new"], fifth["scored"], fifth["failed"]) == (2, 1, 1)
+    assert storage.read_json(ScoreLayout(output).current)["views"] == "all"
 
 
 def test_a_manifest_without_etags_still_sees_an_object_rewritten_under_its_key(

@@ -489,8 +489,9 @@ class Run:
 
     # --- incremental state ------------------------------------------------------------------
     def current(self) -> dict:
-        """The cumulative view this run started from, or an empty one (also when the model
-        changed). A view of another archive is refused: this run would drop all of it."""
+        """The cumulative view this run started from, or an empty one (also when the model or
+        the ``--views`` policy changed: what was skipped or scored may differ). A view of
+        another archive is refused: this run would drop all of it."""
         if self._current is None:
             self._current = {"runs": [], "state": None, "model_digest": self.model_digest}
             if self.storage.exists(self.base.current):
@@ -502,11 +503,15 @@ class Run:
                         f"{current['archive']}, not of {self.config.archive}: give this "
                         f"archive its own --output (or remove {self.base.current} to start "
                         "this output's view again)")
-                if current.get("model_digest") == self.model_digest:
-                    self._current = current
-                else:
+                views = current.get("views", self.config.views)
+                if current.get("model_digest") != self.model_digest:
                     print(f"the model changed since the last run ({current.get('model_digest')}"
                           f" -> {self.model_digest}): scoring everything again", flush=True)
+                elif views != self.config.views:
+                    print(f"--views changed since the last run ({views} -> "
+                          f"{self.config.views}): scoring everything again", flush=True)
+                else:
+                    self._current = current
         return self._current
 
     def adopt_killed_runs(self) -> dict:
@@ -521,7 +526,9 @@ class Run:
             name = part_root.rsplit("/", 1)[-1]
             if config_uri != old.config or name == self.run_id or name in committed:
                 continue
-            if self.storage.read_json(old.config).get("model_digest") != self.model_digest:
+            made = self.storage.read_json(old.config)
+            if (made.get("model_digest"), made.get("views", self.config.views)) != (
+                    self.model_digest, self.config.views):
                 continue
             for folder, target, key in ((old.predictions, self.layout.predictions, "scored"),
                                         (old.errors, self.layout.errors, "failed")):
@@ -632,8 +639,8 @@ class Run:
                     or (previous["state"] and old_state.startswith(previous["state"] + "/"))):
                 self.storage.delete(old_state)  # generations before the last two
         return {"archive": self.config.archive, "model": self.config.model,
-                "model_digest": self.model_digest, "threshold": self.threshold,
-                "objects": self.view_rows,
+                "model_digest": self.model_digest, "views": self.config.views,
+                "threshold": self.threshold, "objects": self.view_rows,
                 "runs": [*previous["runs"], self.run_id], "state": self.state,
                 "last_run": summary, "parts": [self.base.run_part(r)
                                                for r in [*previous["runs"], self.run_id]]}
