@@ -254,8 +254,10 @@ def test_the_view_follows_the_listing_and_the_threshold_and_refuses_to_lose_most
                                          "longer listed"):
         nightly(threshold=0.3)
     assert storage.read_json(ScoreLayout(output).current) == current  # the view as it was
+    parts = sorted(storage.list_files(ScoreLayout(output).runs))
     with pytest.raises(ValueError, match="holds the nightly view of the archive"):
         score_archive(ScoreConfig(f"{prefix}/other", model, output, incremental=True), storage)
+    assert sorted(storage.list_files(ScoreLayout(output).runs)) == parts  # nothing written
     with pytest.raises(ValueError, match="a share of the cumulative view"):
         nightly(max_removed=50)  # a count, not a share: refused before any work
     fourth = nightly(threshold=0.3, max_removed=1.0)

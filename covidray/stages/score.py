@@ -390,10 +390,10 @@ class Run:
     def incremental(self) -> dict:
         """Score only the objects not in the state table (nor in a killed run's part)."""
         storage, layout = self.storage, self.layout
+        current = self.current()  # first: a view of another archive is refused untouched
         self.clear_dead_staging()
         storage.write_json(layout.config, {**to_dict(self.config), "run": self.run_id,
                                            "model_digest": self.model_digest})
-        current = self.current()
         try:
             listed = snapshot_index(storage, self.config.archive, self.staging,
                                     self.config.allow_local_paths)
@@ -530,6 +530,7 @@ class Run:
             if (made.get("model_digest"), made.get("views", self.config.views)) != (
                     self.model_digest, self.config.views):
                 continue
+            before = counts["scored"] + counts["failed"]
             for folder, target, key in ((old.predictions, self.layout.predictions, "scored"),
                                         (old.errors, self.layout.errors, "failed")):
                 for part in self.storage.list_files(folder, (".parquet",)):
@@ -542,7 +543,11 @@ class Run:
                         counts["labelled"] += int(frame["label"].isin(LABELS).sum())
                     self.storage.write_bytes(f"{target}/{name}-{part.rsplit('/', 1)[-1]}", data)
             self.storage.delete_prefix(part_root)
-            print(f"resumed: adopted what the unfinished run {name} had written", flush=True)
+            rows_adopted = counts["scored"] + counts["failed"] - before
+            print(f"resumed: adopted the {rows_adopted} results the unfinished run {name} had "
+                  "written" if rows_adopted else
+                  f"removed the part of the unfinished run {name}, which had no results",
+                  flush=True)
         return counts
 
     def sorted_results(self, scored_here: bool = False):
