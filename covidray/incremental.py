@@ -1,9 +1,9 @@
 """What a nightly scoring run still has to do: the objects not already scored by this model.
 
 An object is identified by ``(uri, etag, size)`` (ETag and size come with every S3 listing;
-a manifest row without them gets them from the object itself, see
-:func:`covidray.stages.score.with_identity`; one that cannot be read keeps none). The *state table* of a scoring
-output is also its cumulative view: one row per object the archive lists, with its latest
+a manifest row without them gets them from a HEAD request for the object, made by the
+scoring stage; one that cannot be read keeps none). The *state table* of a scoring output
+is also its cumulative view: one row per object the archive lists, with its latest
 result (the run that scored it, its score, prediction and threshold, or why it failed),
 sorted by URI, in Parquet parts of one schema; each run merges its own rows in and writes a
 new generation. Both the archive listing and the state are consumed as URI-sorted streams,
