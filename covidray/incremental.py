@@ -73,12 +73,16 @@ class ViewChange:
         return bool(self.removed or self.rethresholded)
 
     def at_threshold(self, row: tuple) -> tuple:
-        """A state row with its prediction by this run's threshold (the same score: the
-        view is of one model, so only the operating point can have moved)."""
-        if not _rethresholds(row, self.threshold):
-            return row
+        """A kept state row with its prediction by this run's threshold (the same score: the
+        view is of one model, so only the operating point can have moved); counted in
+        ``rethresholded`` where that changes it."""
+        score = row[_SCORE]
+        if (row[_ERROR] != "" or score is None or score != score
+                or row[_THRESHOLD] == self.threshold):
+            return row  # failed (no score), or already at this threshold
+        self.rethresholded += 1
         row = list(row)
-        row[_PREDICTION] = str(predicted_labels([row[_SCORE]], self.threshold)[0])
+        row[_PREDICTION] = str(predicted_labels([score], self.threshold)[0])
         row[_THRESHOLD] = self.threshold
         return tuple(row)
 
@@ -87,19 +91,13 @@ _SCORE, _PREDICTION, _THRESHOLD, _ERROR = (STATE_COLUMNS.index(c) for c in
                                            ("score", "prediction", "threshold", "error"))
 
 
-def _rethresholds(row: tuple, threshold: float) -> bool:
-    score = row[_SCORE]
-    return (row[_ERROR] == "" and score is not None and score == score
-            and row[_THRESHOLD] != threshold)
-
-
 def reconcile(listed: Iterable[pd.DataFrame], done: Iterator[tuple], change: ViewChange
               ) -> Iterator[tuple[pd.DataFrame, list[tuple]]]:
     """Merge the listing (URI-sorted frames with ``uri, etag, size``) with the view's rows
     ``done`` (URI-sorted ``STATE_COLUMNS`` tuples): for each frame, the rows still to score
     (a new or changed ``(uri, etag, size)``; a URI listed twice, as a manifest may, once)
-    and the view's rows kept (listed and unchanged). A row whose object is no longer listed
-    is counted in ``change.removed`` and dropped."""
+    and the view's rows kept (listed and unchanged), at ``change.threshold``. A row whose
+    object is no longer listed is counted in ``change.removed`` and dropped."""
     current, previous = next(done, None), None
     for frame in listed:
         todo, kept = [], []
@@ -115,9 +113,8 @@ def reconcile(listed: Iterable[pd.DataFrame], done: Iterator[tuple], change: Vie
             unchanged = current is not None and tuple(current[:3]) == (uri, etag, size)
             todo.append(not unchanged)
             if unchanged:
-                kept.append(current)
+                kept.append(change.at_threshold(current))
                 change.kept += 1
-                change.rethresholded += _rethresholds(current, change.threshold)
             if current is not None and current[0] == uri:
                 change.previous += 1
                 current = next(done, None)

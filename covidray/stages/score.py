@@ -287,11 +287,7 @@ def score_archive(config: ScoreConfig, storage: Storage, ray_address: str | None
         if summary.get("nothing_new"):
             return summary
         lease.check()
-        if config.incremental:
-            storage.write_json(run.layout.success, summary)
-            storage.write_json(base.current, run.current_view(summary))  # readers' view last
-        else:
-            run.publish(summary)
+        run.publish(summary)
     return summary
 
 
@@ -368,9 +364,15 @@ class Run:
             raise
 
     def publish(self, summary: dict) -> None:
-        """Put this run's complete result in place of the output's previous one. Once the
-        staged result is marked ready, a failure part-way leaves it in staging, and the next
-        run into the output finishes the swap (:meth:`clear_dead_staging`)."""
+        """Publish this run's complete result. A nightly run: its part's marker, then the
+        cumulative view readers use. A whole run: its result in place of the output's
+        previous one; once the staged result is marked ready, a failure part-way leaves it in
+        staging, and the next run into the output finishes the swap
+        (:meth:`clear_dead_staging`)."""
+        if self.config.incremental:
+            self.storage.write_json(self.layout.success, summary)
+            self.storage.write_json(self.base.current, self.current_view(summary))
+            return
         self.storage.write_json(ready_marker(self.staging), summary)
         self.replace_published(self.work, summary)
         self.storage.delete_prefix(self.staging)
@@ -620,15 +622,14 @@ class Run:
 
     def write_state(self, change: ViewChange) -> None:
         """The next state table generation (the cumulative view): the rows kept from the
-        previous one and the objects this run scored, every row at this run's threshold, one
+        previous one (already at this run's threshold) and the objects this run scored, one
         schema in every part; exactly one row per object listed, or nothing is published."""
         target = self.base.state(self.run_id)
         kept = sorted(self.storage.list_files(staged(self.staging, "kept"), (".parquet",)))
         merged = merged_state(rows((self.storage.read_table(p) for p in kept), STATE_COLUMNS),
                               self.sorted_results(scored_here=True))
         written = 0
-        for number, frame in enumerate(frames_of(map(change.at_threshold, merged),
-                                                 STATE_COLUMNS, STATE_PART_ROWS)):
+        for number, frame in enumerate(frames_of(merged, STATE_COLUMNS, STATE_PART_ROWS)):
             self.storage.write_table(f"{target}/part-{number:05d}.parquet", frame, STATE_SCHEMA)
             written += len(frame)
         if written != change.listed:
