@@ -25,12 +25,11 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from covidray.datasets import split_rows  # noqa: E402
+from covidray.datasets import pixels_of, split_rows  # noqa: E402
 from covidray.images import normalize  # noqa: E402
 from covidray.layout import RunLayout  # noqa: E402
 from covidray.metrics import roc_auc  # noqa: E402
-from covidray.onnx_model import quantize_int8  # noqa: E402
-from covidray.stages.evaluate import onnx_scores, pixels_of  # noqa: E402
+from covidray.onnx_model import OnnxScorer, quantize_int8  # noqa: E402
 from covidray.storage import Storage  # noqa: E402
 from scoring_throughput import model_only  # noqa: E402  (the same bound, measured the same way)
 
@@ -55,7 +54,7 @@ def main() -> None:
     targets = (test["label"] == "covid").astype(int).to_numpy()
     rows = {}
     for name, model in (("fp32", fp32), ("int8", int8)):
-        scores = onnx_scores(model)(pixels)
+        scores = OnnxScorer(model, name).scores(pixels)
         rows[name] = {"speed": model_only(model, 0), "auc": roc_auc(scores, targets)}
     speedup = rows["int8"]["speed"] / rows["fp32"]["speed"]
     delta = rows["int8"]["auc"] - rows["fp32"]["auc"]

@@ -53,8 +53,8 @@ from covidray.images import normalize  # noqa: E402
 from covidray.model import build_model  # noqa: E402
 from covidray.onnx_model import (export_onnx, model_metadata, onnx_session,  # noqa: E402
                                  score_on_gpu)
-from covidray.stages.score import (ScoreConfig, loaded_images, score_archive,  # noqa: E402
-                                   snapshot_index, staged)
+from covidray.archive_index import snapshot_index  # noqa: E402
+from covidray.stages.score import ScoreConfig, loaded_images, score_archive  # noqa: E402
 from covidray.storage import Storage, StorageSettings  # noqa: E402
 from covidray.synthetic import encode, synthetic_xray  # noqa: E402
 
@@ -129,12 +129,13 @@ def decode_in_ray(storage: Storage, manifest: str, staging: str, gpu: bool,
     reservation) on the whole cluster, the batches only counted."""
     import ray
 
-    listed = snapshot_index(storage, manifest, staging)
+    index = f"{staging}/index"
+    listed = snapshot_index(storage, manifest, index)
     plan = plan_resources(ray.cluster_resources(), use_gpu=gpu)
 
     def run():
         decoded = sum(len(b["error"]) for b in loaded_images(
-            storage, staged(staging), plan.inference_batch, plan.decode_cpus)
+            storage, index, plan.inference_batch, plan.decode_cpus)
             .iter_batches(batch_size=None))
         assert decoded == listed, (decoded, listed)
     return best_rate(run, listed, windows)

@@ -13,7 +13,6 @@ then brings the result to the model's input, exactly as for an unaugmented image
 
 from __future__ import annotations
 
-import hashlib
 import random
 import threading
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from covidray.config import option
+from covidray.config import option, seeded_hash, validate
 from covidray.images import INPUT_SIZE, resize_shorter_side
 
 WORKING_SIZE = 256  # shorter side while augmenting
@@ -33,22 +32,30 @@ class AugmentConfig:
     """Probabilities and strengths of each Augmentor operation (0 disables one); the
     defaults are the paper's: rotation, horizontal and vertical flips, random resized crop."""
 
-    rotate_probability: float = option(0.7, "augmentation: probability of a rotation")
-    max_rotation_degrees: int = option(10, "augmentation: largest rotation, degrees")
+    rotate_probability: float = option(0.7, "augmentation: probability of a rotation",
+                                       bounds=(0, 1))
+    max_rotation_degrees: int = option(10, "augmentation: largest rotation, degrees",
+                                       bounds=(0, 25))
     flip_horizontal_probability: float = option(0.5, "augmentation: probability of a "
-                                                     "horizontal flip")
+                                                     "horizontal flip", bounds=(0, 1))
     flip_vertical_probability: float = option(0.5, "augmentation: probability of a vertical "
-                                                   "flip")
-    crop_probability: float = option(0.5, "augmentation: probability of a random resized crop")
-    crop_area: float = option(0.85, "augmentation: the crop keeps this fraction of the area")
+                                                   "flip", bounds=(0, 1))
+    crop_probability: float = option(0.5, "augmentation: probability of a random resized crop",
+                                     bounds=(0, 1))
+    crop_area: float = option(0.85, "augmentation: the crop keeps this fraction of the area",
+                              bounds=(0.1, 1))
     distortion_probability: float = option(0.3, "augmentation: probability of a small elastic "
-                                                "distortion")
-    distortion_magnitude: int = option(2, "augmentation: strength of that distortion")
+                                                "distortion", bounds=(0, 1))
+    distortion_magnitude: int = option(2, "augmentation: strength of that distortion",
+                                       bounds=(1, None))
+
+    def __post_init__(self):
+        validate(self)
 
 
 def image_seed(seed: int, uri: str, copy: int) -> int:
-    digest = hashlib.sha256(f"{seed}:{uri}:{copy}".encode()).digest()
-    return int.from_bytes(digest[:8], "little")
+    """The seed of one augmented copy of one image."""
+    return seeded_hash(seed, f"{uri}:{copy}")
 
 
 class Augmenter:

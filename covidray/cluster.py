@@ -130,3 +130,5 @@ def quiet_data_progress() -> None:
     context.enable_progress_bars = False
     context.print_on_execution_start = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)  # no per-execution chatter
+    # ... nor the line saying that the bars are off (they are off on purpose).
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)

@@ -16,6 +16,7 @@ sets both.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import dataclasses
 import typing
 from typing import Any
@@ -23,15 +24,44 @@ from typing import Any
 DEFAULT_SEED = 0  # the one default seed: splits, augmentation, initialisation, sampling
 
 
+def seeded_hash(seed: int, key: str) -> int:
+    """A 64-bit number fixed by ``seed`` and ``key`` alone (SHA-256, not Python's salted
+    ``hash``): the same split, the same augmentation, on every machine and run."""
+    digest = hashlib.sha256(f"{seed}:{key}".encode()).digest()
+    return int.from_bytes(digest[:8], "little")
+
+
 def option(default: Any = dataclasses.MISSING, help: str = "", *, factory=None,
-           choices=None, required: bool = False, cli: bool = True, flag: str | None = None):
+           choices=None, required: bool = False, cli: bool = True, flag: str | None = None,
+           preset: bool = False, bounds: tuple | None = None):
     """A config field with its CLI help. ``required``: the CLI must give it (no usable
-    default); ``cli=False``: set by code only; ``flag``: another option name."""
+    default); ``cli=False``: set by code only; ``flag``: another option name; ``preset``:
+    the field names a preset, ``type(config).preset(name)``, which supplies every option
+    the command line does not give; ``bounds``: ``(low, high)``, inclusive, None for no
+    bound on that side. :func:`validate` checks choices and bounds."""
     metadata = {"help": help, "choices": choices, "required": required, "cli": cli,
-                "flag": flag}
+                "flag": flag, "preset": preset, "bounds": bounds}
     if factory is not None:
         return dataclasses.field(default_factory=factory, metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
+
+
+def validate(config) -> None:
+    """Refuse a value outside its option's ``choices`` or ``bounds``, naming the option:
+    every stage config calls this from ``__post_init__``, so a config built in code or read
+    back from a stored ``config.json`` is held to what the command line is."""
+    for f in dataclasses.fields(config):
+        value, meta = getattr(config, f.name), f.metadata
+        flag = "--" + (meta.get("flag") or f.name).replace("_", "-")
+        if value is None or _is_config(type(value)):
+            continue
+        if meta.get("choices") and value not in meta["choices"]:
+            raise ValueError(f"{flag} {value}: expected one of {', '.join(map(str, meta['choices']))}")
+        low, high = meta.get("bounds") or (None, None)
+        if (low is not None and value < low) or (high is not None and value > high):
+            span = (f"from {low:g} to {high:g}" if low is not None and high is not None else
+                    f"at least {low:g}" if low is not None else f"at most {high:g}")
+            raise ValueError(f"{flag} {value:g}: must be {span}")
 
 
 def _field_types(cls) -> dict:
@@ -103,19 +133,17 @@ def add_options(parser: argparse.ArgumentParser, defaults) -> None:
 
 def from_args(args: argparse.Namespace, defaults):
     """The config ``defaults`` with every option given on the command line applied."""
-    given = {name: getattr(args, name) for name in cli_fields(defaults)
-             if getattr(args, name, None) is not None}
+    fields = cli_fields(defaults)
+    given = {name: getattr(args, name) for name in fields if getattr(args, name, None) is not None}
     config = defaults
-    if "protocol" in given:  # a preset replaces the defaults first; given values win after
-        config = _replace_at(config, _path_of(defaults, "protocol")[:-1], preset=given["protocol"])
-    for name, value in given.items():
-        for path, _, _ in cli_fields(defaults)[name]:
+    for name, value in given.items():  # a preset replaces the defaults first ...
+        for path, field, _ in fields[name]:
+            if field.metadata.get("preset"):
+                config = _replace_at(config, path[:-1], preset=value)
+    for name, value in given.items():  # ... and the values given win over it
+        for path, _, _ in fields[name]:
             config = _replace_at(config, path[:-1], **{path[-1]: value})
     return config
-
-
-def _path_of(config, name: str) -> tuple[str, ...]:
-    return cli_fields(config)[name][0][0]
 
 
 def _replace_at(config, path: tuple[str, ...], preset: str | None = None, **changes):

@@ -9,18 +9,19 @@ pipeline maps over batches -- training, feature extraction and scoring alike.
 
 from __future__ import annotations
 
-import hashlib
 import math
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pandas as pd
 
+from covidray.config import seeded_hash
 from covidray.dicom import DICOM_COLUMNS
-from covidray.images import (IMAGE_SUFFIXES, INPUT_SIZE, DecodeError, decode_with_tags, normalize,
+from covidray.images import (IMAGE_SUFFIXES, INPUT_SIZE, DecodeError, decode_with_tags,
                              to_input_pixels)
 from covidray.labels import LABELS, label_index
-from covidray.storage import Location, Storage, StorageError, StorageOutage
+from covidray.location import Location, StorageError, StorageOutage
+from covidray.storage import Storage
 from covidray.views import VIEW_POLICIES, view_check
 
 SPLITS = ("train", "val", "test")
@@ -68,7 +69,30 @@ def _index_from_prefix(storage: Storage, uri: str) -> pd.DataFrame:
 
 
 def _index_from_manifest(storage: Storage, uri: str) -> pd.DataFrame:
-    return manifest_to_index(storage.read_table(uri), uri)
+    frames = list(manifest_frames(storage, uri))
+    return manifest_to_index(pd.concat(frames, ignore_index=True) if frames else
+                             pd.DataFrame(columns=["uri"]), uri)
+
+
+MANIFEST_CHUNK_ROWS = 65_536
+
+
+def manifest_frames(storage: Storage, uri: str, rows: int = MANIFEST_CHUNK_ROWS):
+    """The one manifest reader: a CSV or Parquet manifest, streamed from storage (an outage
+    is ridden out), as DataFrames of at most ``rows`` rows with every value as text (None
+    where empty), for training and scoring alike: a patient ``007`` stays ``007``."""
+    with storage.open_read(uri) as fh:
+        if uri.lower().endswith(".parquet"):
+            import pyarrow.parquet as pq
+
+            for batch in pq.ParquetFile(fh).iter_batches(batch_size=rows):
+                frame = batch.to_pandas()
+                yield frame.apply(lambda column: column.map(
+                    lambda v: None if v is None or v != v else str(v)).astype(object))
+        else:
+            for frame in pd.read_csv(fh, dtype=str, keep_default_na=False, na_values=[""],
+                                     chunksize=rows):
+                yield frame.astype(object).where(frame.notna(), None)
 
 
 def manifest_to_index(table: pd.DataFrame, manifest_uri: str,
@@ -83,8 +107,7 @@ def manifest_to_index(table: pd.DataFrame, manifest_uri: str,
     if uri_column is None:
         raise ValueError(f"manifest '{manifest_uri}' needs one of the columns {_URI_COLUMNS}")
     manifest = Location.parse(manifest_uri)
-    base = Location(manifest.scheme, manifest.bucket,
-                    manifest.key.rsplit("/", 1)[0] if "/" in manifest.key else "")
+    base = manifest.parent
     table = table.reset_index(drop=True)
     raw_uris = table[uri_column].astype("string").str.strip()
     empty = raw_uris.isna() | (raw_uris == "")
@@ -133,8 +156,8 @@ def normalise_index(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def unit_hash(seed: int, key: str) -> float:
-    digest = hashlib.sha256(f"{seed}:{key}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") / 2**64
+    """:func:`covidray.config.seeded_hash` as a number in [0, 1)."""
+    return seeded_hash(seed, key) / 2**64
 
 
 def assign_splits(index: pd.DataFrame, val_fraction: float, test_fraction: float,
@@ -235,17 +258,21 @@ def load_pixels(batch: dict, storage: Storage, augmenter=None, io_threads: int =
     return out
 
 
-def model_inputs(batch: dict) -> tuple[np.ndarray, np.ndarray]:
-    """A loaded batch -> (inputs for the rows that loaded, their mask).
+def loaded_batches(storage: Storage, uris: list[str], batch: int = 64, views: str = "all"):
+    """:func:`load_pixels` over ``uris``, ``batch`` at a time: the one batched loader of the
+    driver's own passes (export's parity and calibration images, evaluate's saliency and
+    audit, the benchmarks), loading exactly as scoring loads."""
+    for i in range(0, len(uris), batch):
+        yield load_pixels({"uri": np.asarray(uris[i:i + batch], dtype=object)}, storage,
+                          views=views)
 
-    The single place where streamed rows become model input, for training and scoring:
-    normalised ``float32[M, 3, 224, 224]`` images, or, for a batch of cached backbone
-    features (frozen-backbone training), those ``float32[M, 512]`` features.
-    """
-    ok = np.asarray(batch["error"]) == ""
-    if "features" in batch:
-        return np.ascontiguousarray(np.asarray(batch["features"], dtype=np.float32)[ok]), ok
-    return normalize(np.asarray(batch["pixels"])[ok]), ok
+
+def pixels_of(storage: Storage, uris: list[str], readable_only: bool = False) -> np.ndarray:
+    """The recipe's ``uint8[N, 224, 224]`` for each image of ``uris`` (an unreadable one is
+    all zeros, or with ``readable_only`` left out)."""
+    parts = [loaded["pixels"][(loaded["error"] == "") if readable_only else slice(None)]
+             for loaded in loaded_batches(storage, list(uris))]
+    return np.concatenate(parts) if parts else np.zeros((0, INPUT_SIZE, INPUT_SIZE), np.uint8)
 
 
 def split_rows(splits: pd.DataFrame, split: str) -> pd.DataFrame:

@@ -18,8 +18,8 @@ from sklearn.metrics import average_precision_score, brier_score_loss
 
 from covidray.config import DEFAULT_SEED
 from covidray.labels import LABELS, POSITIVE_LABEL
-from covidray.metrics import (PAPER_THRESHOLDS, ConfusionCounts, is_positive, roc_auc,
-                              summarise)
+from covidray.metrics import (PAPER_THRESHOLDS, ConfusionCounts, is_positive, json_number,
+                              json_numbers, roc_auc, summarise)
 
 Z_95 = 1.959963984540054
 
@@ -102,7 +102,7 @@ def counts_with_intervals(counts: ConfusionCounts) -> dict:
     spec_ci = wilson_interval(counts.tn, counts.tn + counts.fp)
     rates = [[_rate(counts.tn, counts.tn + counts.fp), _rate(counts.fp, counts.tn + counts.fp)],
              [_rate(counts.fn, counts.tp + counts.fn), _rate(counts.tp, counts.tp + counts.fn)]]
-    return {**_clean(counts.to_dict()), "sensitivity_ci95": sens_ci, "specificity_ci95": spec_ci,
+    return {**json_numbers(counts.to_dict()), "sensitivity_ci95": sens_ci, "specificity_ci95": spec_ci,
             "matrix": counts.matrix, "matrix_rates": rates}
 
 
@@ -135,9 +135,9 @@ def breakdown(test: pd.DataFrame, column: str, threshold: float) -> list[dict]:
                      "covid": int(part["target"].sum()),
                      "non_covid": int((part["target"] == 0).sum()),
                      "roc_auc": roc_auc(part["score"], part["target"]) if both else None,
-                     "sensitivity": _nan_none(at.sensitivity),
+                     "sensitivity": json_number(at.sensitivity),
                      "sensitivity_ci95": wilson_interval(at.tp, at.tp + at.fn),
-                     "specificity": _nan_none(at.specificity),
+                     "specificity": json_number(at.specificity),
                      "specificity_ci95": wilson_interval(at.tn, at.tn + at.fp),
                      "mean_score": float(part["score"].mean())})
     return rows
@@ -177,9 +177,4 @@ def _rate(numerator: int, denominator: int):
     return numerator / denominator if denominator else None
 
 
-def _nan_none(value):
-    return None if value is None or (isinstance(value, float) and math.isnan(value)) else value
 
-
-def _clean(row: dict) -> dict:
-    return {k: _nan_none(v) for k, v in row.items()}

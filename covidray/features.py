@@ -15,11 +15,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from covidray.datasets import model_inputs
+from covidray.images import model_inputs
 from covidray.model import head, initial_model
 from covidray.storage import Storage
-
-FEATURE_COLUMNS = ["uri", "copy", "target", "error", "features"]
 
 
 def backbone(model: nn.Module) -> nn.Sequential:

@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
 from covidray.dicom import DICOM_COLUMNS, is_dicom, read_dicom
-from covidray.pixels import MAX_ASPECT_RATIO, MAX_PIXELS, DecodeError, check_dimensions, min_max_to_8bit
+from covidray.pixels import DecodeError, check_dimensions, min_max_to_8bit
 
 INPUT_SIZE = 224
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -76,13 +76,8 @@ def _decode_picture(data: bytes) -> Image.Image:
 
 
 def _to_8bit_gray(image: Image.Image) -> Image.Image:
-    if image.mode in ("I;16", "I;16B", "I;16L"):
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         return min_max_to_8bit(np.asarray(image))
-    if image.mode in ("I", "F"):
-        values = np.asarray(image, dtype=np.float32)
-        lo, hi = float(values.min()), float(values.max())
-        scaled = (values - lo) * np.float32(255.0 / (hi - lo)) if hi > lo else np.zeros_like(values)
-        return Image.fromarray(np.round(scaled).astype(np.uint8))
     if image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")
     if image.mode in ("RGBA", "LA", "PA"):
@@ -130,3 +125,16 @@ def normalize(pixels: np.ndarray) -> np.ndarray:
 def preprocess(data: bytes) -> np.ndarray:
     """File bytes -> ``float32[1, 3, 224, 224]``: the whole recipe for one image."""
     return normalize(to_input_pixels(decode_xray(data)))
+
+
+def model_inputs(batch: dict) -> tuple[np.ndarray, np.ndarray]:
+    """A loaded batch -> (inputs for the rows that loaded, their mask).
+
+    The single place where streamed rows become model input, for training and scoring:
+    normalised ``float32[M, 3, 224, 224]`` images, or, for a batch of cached backbone
+    features (frozen-backbone training), those ``float32[M, F]`` features.
+    """
+    ok = np.asarray(batch["error"]) == ""
+    if "features" in batch:
+        return np.ascontiguousarray(np.asarray(batch["features"], dtype=np.float32)[ok]), ok
+    return normalize(np.asarray(batch["pixels"])[ok]), ok

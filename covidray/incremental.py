@@ -26,12 +26,11 @@ import pyarrow as pa
 from covidray.metrics import predicted_labels
 
 KEY = ("uri", "etag", "size")
-RESULT_COLUMNS = ["label", "source", "score", "prediction", "threshold", "error"]
 STATE_SCHEMA = pa.schema([("uri", pa.string()), ("etag", pa.string()), ("size", pa.int64()),
                           ("run", pa.string()), ("label", pa.string()), ("source", pa.string()),
                           ("score", pa.float64()), ("prediction", pa.string()),
                           ("threshold", pa.float64()), ("error", pa.string())])
-STATE_COLUMNS = STATE_SCHEMA.names  # the key, the run, then RESULT_COLUMNS
+STATE_COLUMNS = STATE_SCHEMA.names  # the key, the run, then the result
 UNKNOWN_ETAG, UNKNOWN_SIZE = "", -1  # not known (yet): a manifest row without them
 
 

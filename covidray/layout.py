@@ -1,67 +1,31 @@
-"""Where every artifact lives, defined once. Each directory a stage writes has a layout.
-
-A **run directory** (``covidray train --run``)::
-
-    <run>/train/config.json        the TrainConfig that made this run
-    <run>/train/splits.parquet     every image with its train/val/test split
-    <run>/train/history.json       per-epoch loss and validation metrics
-    <run>/train/placement.json     which node each training worker ran on (latest attempt)
-    <run>/train/checkpoints/       Ray Train checkpoints (checkpoint_*/checkpoint.pt)
-    <run>/train/features/<split>/  frozen-backbone features (Parquet), when only the head trains
-    <run>/model/model.pt           final checkpoint {model, optimizer, epoch, config, ...}
-    <run>/model/model.onnx         exported model, metadata inside
-    <run>/model/model-fp32.onnx    the float model, when model.onnx is the int8 one
-    <run>/model/export.json        ONNX parity report, with the ExportConfig
-    <run>/model/model_card.json    written by `covidray evaluate`: recipe, data, metrics and
-                                   the operating threshold that `covidray score` uses
-    <run>/protocol.json            the ProtocolConfig, when `covidray protocol` made the run
-    <run>/eval/                    the default evaluation directory (below)
-
-a **scoring output** (``covidray score --output``)::
-
-    <output>/config.json             the ScoreConfig of the latest run
-    <output>/predictions/*.parquet   one row per scored image
-    <output>/errors/*.parquet        one row per image that could not be scored, with reason
-    <output>/metrics/metrics.json    sweep, confusion matrices, AUC (labelled archives)
-    <output>/metrics/sweep.csv
-    <output>/metrics/confusion_matrix_t0.10.png ... _operating_t0.50.png, score_histogram.png
-    <output>/_SUCCESS.json           written last: counts and where the results are
-    <output>/_LEASE.json             held by the run in progress
-    <output>/_staging/<run>/         the run in progress: its index snapshot, and its result
-                                     (result/) until it is complete and copied into place
-                                     (ready.json: complete, being swapped in)
-  and with ``--incremental`` (nightly runs) the same per run, plus the cumulative view:
-    <output>/runs/<run>/...          one dated part per run (config, predictions, errors, ...)
-    <output>/state/<run>/*.parquet   the cumulative view: one row per object listed now, its
-                                     latest result (uri, etag, size, run, label, source,
-                                     score, prediction, threshold, error) at the latest
-                                     run's threshold, URI-sorted
-    <output>/_CURRENT.json           archive, model, views, threshold, committed runs and the
-                                     latest state: what readers use
-
-an **evaluation directory** (``covidray evaluate``; ``<run>/eval`` by default)::
-
-    <eval>/config.json               the EvaluateConfig
-    <eval>/{val,test}-manifest.parquet, <eval>/{val,test}/   each split, scored (as above)
-    <eval>/report/                   report.html, summary.md, report.json, *.png
-
-a **dataset** staged by ``covidray upload`` (``<data>/manifest.csv``, ``upload.json``) and
-the **demo's work directory** (``<workdir>/data``, ``run``, ``scores/test`` ...).
+"""Where every artifact lives, defined once. Each directory a stage writes has a layout:
+:class:`RunLayout` (``covidray train --run``), :class:`ScoreLayout` (``covidray score
+--output``, nightly parts and the cumulative view included), :class:`EvalLayout`
+(``covidray evaluate``), :class:`DataLayout` (``covidray upload``) and :class:`DemoLayout`.
+``docs/outputs.md`` describes what each file holds.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from covidray.storage import join_uri
+from covidray.location import Location, join_uri, parent_uri
 
 CHECKPOINT_FILE = "checkpoint.pt"
+EMPTY_PART = "part-empty.parquet"
 
 
 def model_card_beside(model_uri: str) -> str:
     """The model card travels with the model: ``model_card.json`` in the same folder."""
-    folder = model_uri.rsplit("/", 1)[0] if "/" in model_uri else "."
-    return join_uri(folder, "model_card.json")
+    return join_uri(parent_uri(model_uri), "model_card.json")
+
+
+def _run_folder_of(uri: str, folder: str, name: str) -> str | None:
+    """``RUN`` where ``uri`` is ``<folder>/RUN/<name>``, else None."""
+    location = Location.parse(uri)
+    if location.name != name or location.parent.parent.uri != Location.parse(folder).uri:
+        return None
+    return location.parent.name
 
 
 @dataclass(frozen=True)
@@ -134,6 +98,11 @@ class ScoreLayout(_Layout):
         return self._at("config.json")
 
     @property
+    def run_record(self) -> str:
+        """Which run and which model made this result (run, model, model_digest)."""
+        return self._at("run.json")
+
+    @property
     def predictions(self) -> str:
         return self._at("predictions")
 
@@ -146,7 +115,26 @@ class ScoreLayout(_Layout):
         return self._at("_staging")
 
     def staging_run(self, run_id: str) -> str:
+        """Everything a run in progress writes before it publishes."""
         return self._at("_staging", run_id)
+
+    def staged(self, run_id: str, table: str = "index") -> str:
+        """A staged table of a run: its index snapshot (``index``), what is left to score
+        (``todo``), or the view's rows it keeps (``kept``)."""
+        return self._at("_staging", run_id, table)
+
+    def staged_result(self, run_id: str) -> "ScoreLayout":
+        """Where a whole run writes its result until it is complete (a scoring output)."""
+        return ScoreLayout(self._at("_staging", run_id, "result"))
+
+    def ready_marker(self, run_id: str) -> str:
+        """Written in a whole run's staging once its result is complete, before the swap:
+        the run's summary, so that whoever finishes the swap writes the right marker."""
+        return self._at("_staging", run_id, "ready.json")
+
+    def run_of_ready_marker(self, uri: str) -> str | None:
+        """The run whose :meth:`ready_marker` ``uri`` is, else None."""
+        return _run_folder_of(uri, self.staging, "ready.json")
 
     @property
     def metrics(self) -> str:
@@ -172,6 +160,11 @@ class ScoreLayout(_Layout):
     def success(self) -> str:
         return self._at("_SUCCESS.json")
 
+    def empty_part(self, folder: str) -> str:
+        """The part a run writes into ``predictions`` or ``errors`` when it has no row for
+        it, so readers always find a table with the right columns."""
+        return join_uri(folder, EMPTY_PART)
+
     # --- incremental (nightly) scoring: dated run parts and the cumulative view ----------
     @property
     def lease(self) -> str:
@@ -189,6 +182,10 @@ class ScoreLayout(_Layout):
     def run_part(self, run_id: str) -> str:
         """One run's part (itself laid out as a scoring output)."""
         return self._at("runs", run_id)
+
+    def run_of_part_config(self, uri: str) -> str | None:
+        """The run whose part's ``config.json`` ``uri`` is, else None."""
+        return _run_folder_of(uri, self.runs, "config.json")
 
     @property
     def states(self) -> str:

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from covidray.datasets import model_inputs
+from covidray.images import model_inputs
 from covidray.metrics import roc_auc, summarise
 from covidray.model import covid_probability, set_train_mode
 

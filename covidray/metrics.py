@@ -215,16 +215,16 @@ def metrics_report(summary: ScoreSummary, auc: float, operating_threshold: float
         "images": summary.n_positive + summary.n_negative,
         "covid": summary.n_positive,
         "non_covid": summary.n_negative,
-        "roc_auc": _json_float(auc),
+        "roc_auc": json_number(auc),
         "operating_threshold": operating_threshold,
-        "paper_thresholds": {k: _clean(v.to_dict()) for k, v in paper.items()},
+        "paper_thresholds": {k: json_numbers(v.to_dict()) for k, v in paper.items()},
         "confusion_matrices": {
             **{k: {"threshold": v.threshold, "matrix": v.matrix} for k, v in paper.items()},
             "operating": {"threshold": operating.threshold, "matrix": operating.matrix},
         },
         "confusion_matrix_layout": "[[TN, FP], [FN, TP]]: rows true non_covid/covid, "
                                    "columns predicted non_covid/covid",
-        "sweep": [dict(_clean(c.to_dict()), paper=bool(np.isclose(c.threshold, PAPER_THRESHOLDS).any()))
+        "sweep": [dict(json_numbers(c.to_dict()), paper=bool(np.isclose(c.threshold, PAPER_THRESHOLDS).any()))
                   for c in summary.sweep()],
         "histogram": {"edges": edges.round(4).tolist(),
                       "covid": summary.histogram_covid.tolist(),
@@ -242,9 +242,16 @@ def sweep_csv(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _json_float(value: float):
+def json_number(value):
+    """A number as JSON can hold it: NaN (an undefined rate) becomes None."""
     return None if value is None or (isinstance(value, float) and math.isnan(value)) else value
 
 
-def _clean(row: dict) -> dict:
-    return {k: _json_float(v) for k, v in row.items()}
+def json_numbers(row: dict) -> dict:
+    """:func:`json_number` of every value of ``row``."""
+    return {k: json_number(v) for k, v in row.items()}
+
+
+def percent(value) -> str:
+    """A rate as people read it: ``0.953`` -> ``95.3%``; None -> ``n/a``."""
+    return "n/a" if value is None else f"{100 * value:.1f}%"

@@ -14,8 +14,7 @@ import warnings
 
 import numpy as np
 
-from covidray.datasets import model_inputs
-from covidray.images import INPUT_SIZE, RECIPE
+from covidray.images import INPUT_SIZE, RECIPE, model_inputs, normalize
 from covidray.labels import LABELS, POSITIVE_LABEL
 from covidray.metrics import predicted_labels
 
@@ -252,25 +251,57 @@ def check_recipe(metadata: dict, model_uri: str) -> None:
 
 
 class OnnxScorer:
-    """Ray Data callable: loaded batch -> the same rows with ``score``, ``prediction`` and
-    ``threshold``. ``model`` is the ONNX file's bytes (the driver reads it once; Ray hands
-    them to every actor, so an actor never waits on storage) and ``name`` where it came from."""
+    """The one onnxruntime scorer of an exported model. ``model`` is the ONNX file's bytes
+    (the driver reads it once; Ray hands them to every actor, so an actor never waits on
+    storage) and ``name`` where it came from; a model of another preprocessing recipe is
+    refused. With ``features`` the session also returns the last layer's input
+    (:func:`with_features_output`: the shortcut audit's features) from the same pass.
+
+    As a Ray Data callable (``__call__``): loaded batch -> the same rows with ``score``,
+    ``prediction`` and ``threshold``. On the driver: :meth:`scores` of ``uint8`` pixels,
+    :meth:`scores_and_features`, :meth:`probabilities` of model inputs."""
 
     def __init__(self, model: bytes, name: str, threshold: float | None = None,
-                 threads: int = 0, keep: tuple[str, ...] = (), gpu: bool = False):
-        self.session = onnx_session(model, threads, gpu)
+                 threads: int = 0, keep: tuple[str, ...] = (), gpu: bool = False,
+                 features: bool = False):
+        self.session = onnx_session(with_features_output(model) if features else model,
+                                    threads, gpu)
         self.metadata = read_metadata(self.session)
         check_recipe(self.metadata, name)
-        self.threshold = float(self.metadata["threshold"]) if threshold is None else threshold
+        self.threshold = threshold  # chosen by covidray.model_card.scoring_threshold
         self.positive = positive_index(self.metadata)
         self.keep = keep
+        self.features = features
+
+    def probabilities(self, inputs: np.ndarray) -> np.ndarray:
+        """COVID probabilities of model inputs ``float32[N, 3, 224, 224]``."""
+        return self.session.run(["probabilities"], {"input": inputs})[0][:, self.positive]
+
+    def scores_and_features(self, pixels: np.ndarray, batch: int = 64
+                            ) -> tuple[np.ndarray, np.ndarray]:
+        """``uint8[N, 224, 224]`` pixels -> (COVID probabilities, the last layer's input
+        features), ``batch`` images per onnxruntime run; needs ``features``."""
+        outputs = [self.session.run(["probabilities", FEATURES_OUTPUT],
+                                    {"input": normalize(pixels[i:i + batch])})
+                   for i in range(0, len(pixels), batch)]
+        if not outputs:
+            return np.zeros(0), np.zeros((0, 0), np.float32)
+        return (np.concatenate([o[0] for o in outputs])[:, self.positive],
+                np.concatenate([o[1] for o in outputs]))
+
+    def scores(self, pixels: np.ndarray, batch: int = 64) -> np.ndarray:
+        """``uint8[N, 224, 224]`` pixels -> COVID probabilities, ``batch`` images a run."""
+        parts = [self.probabilities(normalize(pixels[i:i + batch]))
+                 for i in range(0, len(pixels), batch)]
+        return np.concatenate(parts) if parts else np.zeros(0)
 
     def __call__(self, batch: dict) -> dict:
+        if self.threshold is None:
+            raise ValueError("an OnnxScorer that predicts needs its threshold")
         inputs, ok = model_inputs(batch)
         scores = np.full(len(ok), np.nan, dtype=np.float64)
         if ok.any():
-            probabilities = self.session.run(["probabilities"], {"input": inputs})[0]
-            scores[ok] = probabilities[:, self.positive]
+            scores[ok] = self.probabilities(inputs)
         predicted = predicted_labels(np.nan_to_num(scores, nan=-1.0), self.threshold)
         prediction = np.where(ok, predicted, None)
         return {**{c: batch[c] for c in self.keep}, "target": batch["target"], "score": scores,

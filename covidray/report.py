@@ -1,20 +1,25 @@
-"""The evaluation report: one page (HTML), its tables (Markdown) and every figure (PNG).
+"""The evaluation report: one page (HTML), its text and tables (Markdown) and every figure
+(PNG).
 
 Pure rendering of what :func:`covidray.evaluation.evaluate_split` computed; the
-``covidray evaluate`` stage (:mod:`covidray.stages.evaluate`) writes it.
+``covidray evaluate`` stage (:mod:`covidray.stages.evaluate`) writes it. The text and tables
+are one list of blocks (:func:`summary_blocks`), rendered once as Markdown
+(``summary.md``) and once as HTML (``report.html``), so the two cannot disagree.
 """
 
 from __future__ import annotations
 
 import base64
 import html
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 
 from covidray import figures
 from covidray.layout import EvalLayout
-from covidray.metrics import PAPER_THRESHOLDS, metrics_report, summarise, sweep_thresholds
+from covidray.metrics import (PAPER_THRESHOLDS, metrics_report, percent, summarise,
+                              sweep_thresholds)
 from covidray.storage import Storage
 
 PAPER_TABLE_1 = {"0.10": (1.000, 0.725), "0.15": (0.976, 0.899), "0.20": (0.943, 0.919),
@@ -51,92 +56,179 @@ def write_report(storage: Storage, layout: EvalLayout, result: dict, test: pd.Da
     for name, data in pngs.items():
         storage.write_bytes(layout.report_file(name), data, "image/png")
     storage.write_json(layout.report_file("report.json"), result)
-    markdown = summary_markdown(result)
-    storage.write_bytes(layout.report_file("summary.md"), markdown.encode(), "text/markdown")
-    storage.write_bytes(layout.report_file("report.html"), report_html(result, markdown, pngs),
+    storage.write_bytes(layout.report_file("summary.md"), summary_markdown(result).encode(),
+                        "text/markdown")
+    storage.write_bytes(layout.report_file("report.html"), report_html(result, pngs),
                         "text/html")
 
 
-def _pct(value) -> str:
-    return "n/a" if value is None else f"{100 * value:.1f}%"
-
-
-def _ci(interval, percent: bool = True) -> str:
+def _ci(interval, percent_values: bool = True) -> str:
     if interval is None:
         return "n/a"
     lo, hi = interval
-    return f"{100 * lo:.1f}-{100 * hi:.1f}%" if percent else f"{lo:.3f}-{hi:.3f}"
+    return f"{100 * lo:.1f}-{100 * hi:.1f}%" if percent_values else f"{lo:.3f}-{hi:.3f}"
 
 
-def summary_markdown(result: dict) -> str:
+# --- the document: one list of blocks, rendered to Markdown and to HTML --------------------
+
+@dataclass(frozen=True)
+class Table:
+    header: list[str]
+    rows: list[list[str]]
+
+
+def _figure_captions(names) -> dict[str, str]:
+    """What each figure shows, in words (the file name is shown beside it)."""
+    fixed = {
+        "roc_pr.png": "ROC and precision-recall curves on the test split",
+        "score_histogram.png": "Scores of the test images by true class, with the paper's "
+                               "thresholds and the operating point",
+        "calibration.png": "Calibration: mean score against the observed COVID rate, by bin",
+        "forest.png": "Sensitivity and specificity by subgroup at the operating point (95% CI)",
+        "audit.png": "Shortcut audit: source predictability and the border-only / lungs-only "
+                     "test",
+    }
+    captions = {}
+    for name in names:
+        stem = name[:-len(".png")]
+        if name in fixed:
+            captions[name] = fixed[name]
+        elif stem.startswith("histograms_by_"):
+            captions[name] = f"Score histograms by {stem[len('histograms_by_'):]}"
+        elif stem.startswith("confusion_"):
+            point, kind = stem[len("confusion_"):].rsplit("_", 1)
+            where = "the operating point" if point == "operating" else f"threshold {point[1:]}"
+            captions[name] = f"Confusion matrix at {where} ({kind})"
+        elif stem.startswith("saliency_"):
+            split, rest = stem[len("saliency_"):].split("_", 1)
+            maps = rest.endswith("_maps")
+            kind = rest.removesuffix("_maps").replace("_", " ")
+            captions[name] = (f"Grad-CAM of the {split} split's most confident {kind}s"
+                              + (", maps only with the lung box" if maps else ""))
+        else:
+            captions[name] = stem.replace("_", " ")
+    return captions
+
+
+def summary_blocks(result: dict) -> list:
+    """The report's text and tables, in reading order: ``("h1" | "h2" | "p", text)``,
+    ``("ul", [items])`` and :class:`Table` blocks."""
     operating = result["operating_point"]
-    lines = [f"# covidray evaluation: {result['run']}", "",
-             f"Weights: {result['weights']}. Test: {result['test_images']} images "
-             f"({result['test_covid']} covid, {result['test_non_covid']} non_covid, "
-             f"{result['test_patients']} patients).", "",
-             f"ROC AUC {result['roc_auc']:.3f} (95% CI {_ci(result['roc_auc_ci95'], False)}), "
-             f"average precision {result['average_precision']:.3f} "
-             f"(95% CI {_ci(result['average_precision_ci95'], False)}); patient-level bootstrap, "
-             f"{result['bootstrap']['replicates']} replicates. Brier score "
-             f"{result['calibration']['brier']:.3f}.", "",
-             "| threshold | sensitivity (95% CI) | specificity (95% CI) | paper sens. | paper spec. |",
-             "|---|---|---|---|---|"]
+    blocks = [("h1", f"covidray evaluation: {result['run']}"),
+              ("p", f"Weights: {result['weights']}. Test: {result['test_images']} images "
+                    f"({result['test_covid']} covid, {result['test_non_covid']} non_covid, "
+                    f"{result['test_patients']} patients)."),
+              ("p", f"ROC AUC {result['roc_auc']:.3f} (95% CI "
+                    f"{_ci(result['roc_auc_ci95'], False)}), average precision "
+                    f"{result['average_precision']:.3f} (95% CI "
+                    f"{_ci(result['average_precision_ci95'], False)}); patient-level bootstrap, "
+                    f"{result['bootstrap']['replicates']} replicates. Brier score "
+                    f"{result['calibration']['brier']:.3f}."),
+              ("h2", "The paper's thresholds")]
+    rows = []
     for key, entry in result["paper_thresholds"].items():
         paper = PAPER_TABLE_1.get(key, (None, None))
-        lines.append(f"| {key} | {_pct(entry['sensitivity'])} ({_ci(entry['sensitivity_ci95'])}) "
-                     f"| {_pct(entry['specificity'])} ({_ci(entry['specificity_ci95'])}) "
-                     f"| {_pct(paper[0])} | {_pct(paper[1])} |")
+        rows.append([key, f"{percent(entry['sensitivity'])} ({_ci(entry['sensitivity_ci95'])})",
+                     f"{percent(entry['specificity'])} ({_ci(entry['specificity_ci95'])})",
+                     percent(paper[0]), percent(paper[1])])
+    blocks.append(Table(["threshold", "sensitivity (95% CI)", "specificity (95% CI)",
+                         "paper sens.", "paper spec."], rows))
     test, val = operating["test"], operating["val"]
-    lines += ["", f"Operating point chosen on validation for sensitivity >= "
-                  f"{operating['target_sensitivity']:.2f}: threshold {operating['threshold']:.4g} "
-                  f"(val sensitivity {_pct(val['sensitivity'])}, specificity "
-                  f"{_pct(val['specificity'])}); on test: sensitivity "
-                  f"{_pct(test['sensitivity'])} ({_ci(test['sensitivity_ci95'])}), specificity "
-                  f"{_pct(test['specificity'])} ({_ci(test['specificity_ci95'])}).", ""]
-    for column, rows in result["breakdown"].items():
-        lines += [f"## By {column}", "",
-                  f"| {column} | images | covid | non_covid | ROC AUC | sensitivity | specificity "
-                  f"| mean score |", "|---|---|---|---|---|---|---|---|"]
-        for row in rows:
-            auc = "n/a (one class)" if row["roc_auc"] is None else f"{row['roc_auc']:.3f}"
-            lines.append(f"| {row[column]} | {row['images']} | {row['covid']} | {row['non_covid']} "
-                         f"| {auc} | {_pct(row['sensitivity'])} | {_pct(row['specificity'])} "
-                         f"| {row['mean_score']:.3g} |")
-        lines.append("")
+    blocks += [("h2", "Operating point"),
+               ("p", f"Chosen on validation for sensitivity >= "
+                     f"{operating['target_sensitivity']:.2f}: threshold "
+                     f"{operating['threshold']:.4g} (val sensitivity "
+                     f"{percent(val['sensitivity'])}, specificity {percent(val['specificity'])}); "
+                     f"on test: sensitivity {percent(test['sensitivity'])} "
+                     f"({_ci(test['sensitivity_ci95'])}), specificity "
+                     f"{percent(test['specificity'])} ({_ci(test['specificity_ci95'])}).")]
+    for column, entries in result["breakdown"].items():
+        rows = [[str(row[column]), str(row["images"]), str(row["covid"]), str(row["non_covid"]),
+                 "n/a (one class)" if row["roc_auc"] is None else f"{row['roc_auc']:.3f}",
+                 percent(row["sensitivity"]), percent(row["specificity"]),
+                 f"{row['mean_score']:.3g}"] for row in entries]
+        blocks += [("h2", f"By {column}"),
+                   Table([column, "images", "covid", "non_covid", "ROC AUC", "sensitivity",
+                          "specificity", "mean score"], rows)]
     if "audit" in result:
-        lines += ["## Shortcut audit", "", result["audit"]["reading"], ""]
+        blocks += [("h2", "Shortcut audit"), ("p", result["audit"]["reading"])]
     if result.get("saliency"):
-        lines += ["## Saliency", "",
-                  "Grad-CAM on the last convolutional block for the most confident true "
-                  "positives, false positives and false negatives of each split. Share of each "
-                  "map inside the central lung region (1.0 = all of it):", ""]
+        items = []
         for split, kinds in result["saliency"].items():
             for kind, entry in kinds.items():
                 shares = [s for s in entry["central_share"] if s is not None]
                 mean = f"{np.mean(shares):.2f}" if shares else "n/a"
-                lines.append(f"- {split} {kind.replace('_', ' ')}s: {len(entry['images'])} "
+                items.append(f"{split} {kind.replace('_', ' ')}s: {len(entry['images'])} "
                              f"images, mean central share {mean}")
-        lines.append("")
-    lines.append("Positive means score >= threshold. Sensitivity/specificity at the operating "
-                 "point use the threshold chosen on validation only.")
-    return "\n".join(lines) + "\n"
+        blocks += [("h2", "Saliency"),
+                   ("p", "Grad-CAM on the last convolutional block for the most confident true "
+                         "positives, false positives and false negatives of each split. Share "
+                         "of each map inside the central lung region (1.0 = all of it):"),
+                   ("ul", items)]
+    blocks.append(("p", "Positive means score >= threshold. Sensitivity/specificity at the "
+                        "operating point use the threshold chosen on validation only."))
+    return blocks
 
 
-def report_html(result: dict, markdown: str, pngs: dict[str, bytes]) -> bytes:
-    """One page: the summary tables (as preformatted Markdown) and every figure inline."""
-    images = "\n".join(
-        f'<figure><img alt="{html.escape(name)}" src="data:image/png;base64,'
-        f'{base64.b64encode(data).decode()}"><figcaption>{html.escape(name)}</figcaption></figure>'
+def to_markdown(blocks: list) -> str:
+    lines = []
+    for block in blocks:
+        if isinstance(block, Table):
+            lines += ["| " + " | ".join(block.header) + " |",
+                      "|" + "---|" * len(block.header),
+                      *("| " + " | ".join(row) + " |" for row in block.rows), ""]
+        elif block[0] == "ul":
+            lines += [*(f"- {item}" for item in block[1]), ""]
+        else:
+            kind, text = block
+            lines += [{"h1": "# ", "h2": "## ", "p": ""}[kind] + text, ""]
+    return "\n".join(lines)
+
+
+def summary_markdown(result: dict) -> str:
+    return to_markdown(summary_blocks(result))
+
+
+def to_html(blocks: list) -> str:
+    out = []
+    for block in blocks:
+        if isinstance(block, Table):
+            head = "".join(f"<th>{html.escape(c)}</th>" for c in block.header)
+            body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>"
+                           for row in block.rows)
+            out.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
+        elif block[0] == "ul":
+            out.append("<ul>" + "".join(f"<li>{html.escape(i)}</li>" for i in block[1]) + "</ul>")
+        else:
+            kind, text = block
+            out.append(f"<{kind}>{html.escape(text)}</{kind}>")
+    return "\n".join(out)
+
+
+_STYLE = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;
+line-height:1.45;color:#222}
+table{border-collapse:collapse;margin:.5em 0 1.5em}th,td{border:1px solid #ccc;padding:.3em .6em;
+text-align:right}th{background:#f2f2f2}td:first-child,th:first-child{text-align:left}
+figure{display:inline-block;margin:.5em;vertical-align:top;max-width:520px}
+img{max-width:520px}figcaption{font-size:.9em;color:#444}"""
+
+
+def report_html(result: dict, pngs: dict[str, bytes]) -> bytes:
+    """One page: the summary's headings, text and tables as HTML, then every figure inline
+    with its caption."""
+    captions = _figure_captions(pngs)
+    figures_html = "\n".join(
+        f'<figure><img alt="{html.escape(captions[name])}" src="data:image/png;base64,'
+        f'{base64.b64encode(data).decode()}"><figcaption>{html.escape(captions[name])} '
+        f'<code>{html.escape(name)}</code></figcaption></figure>'
         for name, data in pngs.items())
     page = f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>covidray evaluation</title>
-<style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}}
-pre{{white-space:pre-wrap;background:#f6f6f6;padding:1em}}
-figure{{display:inline-block;margin:.5em;vertical-align:top}}img{{max-width:520px}}</style>
-</head><body><h1>covidray evaluation</h1>
-<p>Run <code>{html.escape(result['run'])}</code>. Paper thresholds:
-{', '.join(f'{t:.2f}' for t in PAPER_THRESHOLDS)}.</p>
-<pre>{html.escape(markdown)}</pre>
-{images}
+<html lang="en"><head><meta charset="utf-8"><title>covidray evaluation: {html.escape(result['run'])}</title>
+<style>{_STYLE}</style>
+</head><body>
+{to_html(summary_blocks(result))}
+<h2>Figures</h2>
+<p>Paper thresholds: {', '.join(f'{t:.2f}' for t in PAPER_THRESHOLDS)}.</p>
+{figures_html}
 </body></html>"""
     return page.encode()

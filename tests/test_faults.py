@@ -202,3 +202,43 @@ def test_training_survives_a_killed_worker_and_resumes_from_its_checkpoint(
     assert killed, "the training worker was never killed"
     history = load_checkpoint(storage, RunLayout(config.run).model_checkpoint)["history"]
     assert summary["epochs"] == 5 and [h["epoch"] for h in history] == [0, 1, 2, 3, 4]
+
+
+def restarted_after(s3_service, seconds: float):
+    """Stop the S3 server now; a thread starts it again ``seconds`` later (same data)."""
+    s3_server.stop(s3_service["directory"])
+
+    def run():
+        time.sleep(seconds)
+        s3_server.start(s3_service["directory"], s3_service["port"])
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_exists_rides_out_a_restart_of_the_server(storage, prefix, s3_service):
+    uri = storage.write_bytes(f"{prefix}/there.json", b"{}")
+    restart = restarted_after(s3_service, 3)
+    assert storage.exists(uri)  # asked while the server is down: answered once it is back
+    restart.join(timeout=60)
+    assert not storage.exists(f"{prefix}/not-there.json")
+
+
+def test_a_manifest_read_rides_out_a_restart_of_the_server_mid_read(storage, prefix, s3_service):
+    from covidray.datasets import manifest_frames
+
+    manifest = small_archive(storage, f"{prefix}/archive", 300)
+    whole = storage.read_bytes(manifest)
+    with storage.open_read(manifest, buffer_bytes=1024) as stream:  # ranged GETs of 1 KB
+        first = stream.read(1500)
+        restart = restarted_after(s3_service, 3)
+        rest = stream.read()  # the server is down at the next ranged GET
+    restart.join(timeout=60)
+    assert first + rest == whole
+    restart = restarted_after(s3_service, 3)
+    frames = list(manifest_frames(storage, manifest, rows=64))  # opened while it is down
+    restart.join(timeout=60)
+    assert [len(f) for f in frames] == [64, 64, 64, 64, 44]
+    assert pd.concat(frames)["uri"].tolist() == storage.read_table(manifest)["uri"].tolist()
+

@@ -13,6 +13,7 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 
+from covidray.fault_points import armed
 from covidray.incremental import STATE_COLUMNS, STATE_SCHEMA, ViewChange, merged_state, reconcile
 from covidray.metrics import predicted_labels
 from covidray.layout import RunLayout, ScoreLayout
@@ -189,22 +190,19 @@ def test_an_expired_lease_is_taken_over_and_its_old_holder_notices(storage, pref
 
 
 def test_a_run_that_died_between_its_marker_and_the_cumulative_view_is_adopted(
-        storage, trained_run, prefix, ray_local, monkeypatch):
+        storage, trained_run, prefix, ray_local):
     """Its part is complete but the cumulative view never took it in: the next run adopts it
     (no rescoring), and the view then holds every object once."""
-    from covidray.stages.score import Run
-
     archive, output = f"{prefix}/archive", f"{prefix}/nightly"
     model = RunLayout(trained_run["run"]).onnx
     add_images(storage, archive, [f"img-{i}.png" for i in range(4)])
     first = score_archive(ScoreConfig(archive, model, output, incremental=True), storage)
     add_images(storage, archive, ["img-4.png", "img-5.png"], seed=1)
 
-    def dies(self, summary):
+    def dies(summary):
         raise RuntimeError("killed before _CURRENT.json moved")
 
-    with monkeypatch.context() as patched:
-        patched.setattr(Run, "current_view", dies)
+    with armed("scoring.part_committed", dies):
         with pytest.raises(RuntimeError, match="killed before"):
             score_archive(ScoreConfig(archive, model, output, incremental=True), storage)
     third = score_archive(ScoreConfig(archive, model, output, incremental=True), storage)

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 from sklearn.metrics import confusion_matrix, roc_auc_score
 
-from covidray.datasets import model_inputs
+from covidray.images import model_inputs
 from covidray.features import extract_features
 from covidray.images import RECIPE, preprocess
 from covidray.layout import RunLayout, ScoreLayout
@@ -17,10 +17,13 @@ from covidray.model import build_model, initial_model, load_checkpoint, model_fr
 from covidray.onnx_model import (ExportParityError, export_onnx, model_metadata, onnx_session,
                                  parity_check, read_metadata, score_on_gpu)
 from covidray.stages.export import parity_inputs
-from covidray.stages.score import (RESULT_PART_ROWS, ScoreConfig, loaded_images, score_archive,
-                                   snapshot_index, sorted_labelled_scores)
+from covidray.archive_index import snapshot_index
+from covidray.fault_points import armed
+from covidray.metrics_files import sorted_labelled_scores
+from covidray.result_parts import RESULT_PART_ROWS
+from covidray.stages.score import ScoreConfig, loaded_images, score_archive
 from covidray.stages.train import TrainConfig, fit, image_stream, latest_checkpoint
-from covidray.storage import Location, StorageError
+from covidray.location import Location, StorageError
 from covidray.synthetic import encode, synthetic_xray
 
 from conftest import process_tree, upload_synthetic
@@ -145,9 +148,9 @@ def test_training_export_and_scoring_preprocess_identically(storage, trained_run
     # scoring: the archive index + loading stages of score_archive
     archive = f"{trained_run['root']}/one.csv"
     storage.write_table(archive, pd.DataFrame({"uri": [uri]}))
-    staging = f"{trained_run['root']}/_staging-parity"
-    assert snapshot_index(storage, archive, staging) == 1
-    score_batch = next(iter(loaded_images(storage, f"{staging}/index", 8, 0.5)
+    index = f"{trained_run['root']}/_staging-parity/index"
+    assert snapshot_index(storage, archive, index) == 1
+    score_batch = next(iter(loaded_images(storage, index, 8, 0.5)
                             .iter_batches(batch_format="numpy")))
     from_scoring = model_inputs(score_batch)[0][0]
 
@@ -462,49 +465,40 @@ def test_a_bad_manifest_is_refused_before_any_cluster_work(storage, trained_run,
     assert not list(storage.list_files(ScoreLayout(f"{prefix}/out").staging))
 
 
-def test_an_unreconciled_result_is_never_published(storage, trained_run, prefix, ray_local,
-                                                   monkeypatch):
-    import covidray.stages.score as score
-
+def test_an_unreconciled_result_is_never_published(storage, trained_run, prefix, ray_local):
     archive = f"{prefix}/archive"
     bad_archive(storage, archive)
-    real = score.Run.score
 
-    def losing_one(self, *args, **kwargs):  # as if one result went missing on the way
-        counts = real(self, *args, **kwargs)
-        return {**counts, "scored": counts["scored"] - 1}
+    def losing_one(counts):  # as if one result went missing on the way
+        counts["scored"] -= 1
 
-    monkeypatch.setattr(score.Run, "score", losing_one)
-    with pytest.raises(RuntimeError, match="not published: listed 9"):
-        score_archive(ScoreConfig(archive, RunLayout(trained_run["run"]).onnx, f"{prefix}/out"),
-                      storage)
+    with armed("scoring.results_counted", losing_one):
+        with pytest.raises(RuntimeError, match="not published: listed 9"):
+            score_archive(ScoreConfig(archive, RunLayout(trained_run["run"]).onnx,
+                                      f"{prefix}/out"), storage)
     assert not storage.exists(ScoreLayout(f"{prefix}/out").success)
 
 
 def test_an_archive_changed_while_the_run_is_under_way_is_scored_as_listed(
-        storage, trained_run, prefix, ray_local, monkeypatch):
+        storage, trained_run, prefix, ray_local):
     """The manifest is rewritten and objects added right after the run read its index: the
     run scores exactly the snapshot it took and reconciles against it."""
-    import covidray.stages.score as score
-
     rng = np.random.default_rng(4)
     uris = [storage.write_bytes(f"{prefix}/img-{i}.png", encode(synthetic_xray(i % 2 == 1, rng),
                                                                   "png")) for i in range(6)]
     manifest = storage.write_table(f"{prefix}/manifest.csv", pd.DataFrame({"uri": uris}))
-    real = score.snapshot_index
 
-    def then_the_archive_changes(*args, **kwargs):
-        listed = real(*args, **kwargs)
+    def the_archive_changes(archive):
         more = [storage.write_bytes(f"{prefix}/late-{i}.png", b"late") for i in range(4)]
-        storage.write_table(manifest, pd.DataFrame({"uri": uris[:3] + more}))
-        return listed
+        storage.write_table(archive, pd.DataFrame({"uri": uris[:3] + more}))
 
-    monkeypatch.setattr(score, "snapshot_index", then_the_archive_changes)
-    summary = score_archive(ScoreConfig(manifest, RunLayout(trained_run["run"]).onnx,
-                                        f"{prefix}/out"), storage)
+    with armed("scoring.snapshot_taken", the_archive_changes):
+        summary = score_archive(ScoreConfig(manifest, RunLayout(trained_run["run"]).onnx,
+                                            f"{prefix}/out"), storage)
     assert (summary["listed"], summary["scored"], summary["failed"]) == (6, 6, 0)
     predictions = storage.read_parquet_dir(ScoreLayout(f"{prefix}/out").predictions)
     assert sorted(predictions["uri"]) == sorted(uris)
+    assert len(storage.read_table(manifest)) == 7  # it did change under the run
 
 
 def _png_stream(width: int, height: int, bit_depth: int, row: bytes) -> bytes:

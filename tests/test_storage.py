@@ -7,7 +7,8 @@ import sys
 
 import pytest
 
-from covidray.storage import Location, Storage, StorageError, StorageSettings
+from covidray.location import Location
+from covidray.storage import Storage, StorageError, StorageSettings
 
 from conftest import BUCKET, free_port
 

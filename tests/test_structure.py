@@ -1,5 +1,6 @@
 """The shape of the code: imports flow one way, each default is declared once, the CLI is
-built from the stage configs, and the README describes the files that exist."""
+built from the stage configs, configs hold their own bounds, and the docs describe the files
+that exist."""
 
 import ast
 import dataclasses
@@ -140,14 +141,61 @@ def test_demo_does_not_offer_what_it_derives():
     assert "--run " not in help_text and "--workdir" in help_text
 
 
-def readme() -> str:
-    with open(os.path.join(REPO, "README.md")) as fh:
+def doc(name: str = "README.md") -> str:
+    with open(os.path.join(REPO, name)) as fh:
         return fh.read()
 
 
+def test_the_readme_fits_a_page_and_links_every_docs_page():
+    text = doc()
+    assert len(text.splitlines()) <= 300
+    pages = {os.path.relpath(p, REPO) for p in glob.glob(os.path.join(REPO, "docs", "*.md"))}
+    assert pages and all(f"]({page})" in text for page in pages), pages
+    for target in re.findall(r"\]\(([^)#:]+)\)", text):  # every relative link resolves
+        assert os.path.exists(os.path.join(REPO, target)), target
+
+
+def test_docs_links_resolve():
+    for page in glob.glob(os.path.join(REPO, "docs", "*.md")):
+        for target in re.findall(r"\]\(([^)#:]+)\)", open(page).read()):
+            assert os.path.exists(os.path.join(os.path.dirname(page), target)), (page, target)
+
+
+def test_no_library_file_is_over_450_lines():
+    long = {p: n for p in module_files().values() if (n := len(open(p).readlines())) > 450}
+    assert not long, long
+
+
+def test_one_onnx_scorer():
+    """The exported model is run by OnnxScorer alone (no second scoring pass elsewhere)."""
+    for path in module_files().values():
+        assert not re.search(r"def (onnx_pass|onnx_scores|_max_diff)\b", open(path).read()), path
+
+
+@pytest.mark.parametrize("stage", [s.name for s in STAGES])
+def test_a_stored_config_round_trips(stage):
+    from covidray.config import from_dict, to_dict
+
+    config = BY_NAME[stage].defaults()
+    assert from_dict(type(config), to_dict(config)) == config
+
+
+def test_a_config_refuses_a_value_outside_its_bounds_or_choices_as_the_cli_would():
+    from covidray.stages.score import ScoreConfig
+
+    with pytest.raises(ValueError, match="--max-removed 2: must be from 0 to 1"):
+        ScoreConfig("a", "m", "o", max_removed=2)
+    with pytest.raises(ValueError, match="--gpu sometimes: expected one of auto, on, off"):
+        ScoreConfig("a", "m", "o", gpu="sometimes")
+    with pytest.raises(ValueError, match="--epochs 0: must be at least 1"):
+        TrainConfig(data="d", run="r", epochs=0)
+    with pytest.raises(ValueError, match="leave no patient to train on"):
+        TrainConfig(data="d", run="r", val_fraction=0.5, test_fraction=0.5)
+
+
 def test_readme_paper_preset_table_is_the_config():
-    """The README's table of the paper's protocol lists TrainConfig's own defaults."""
-    section = readme().split("<!-- paper-preset -->")[1]
+    """The results page's table of the paper's protocol lists TrainConfig's own defaults."""
+    section = doc("docs/results.md").split("<!-- paper-preset -->")[1]
     rows = dict(re.findall(r"^\| `--([a-z-]+)` \| `([^`]*)` \|", section, re.M))
     config = TrainConfig()
     flat = {**dataclasses.asdict(config), **dataclasses.asdict(config.augment)}
@@ -156,8 +204,8 @@ def test_readme_paper_preset_table_is_the_config():
         assert str(flat[flag.replace("-", "_")]) == value, flag
 
 
-def test_readme_code_layout_table_matches_the_files():
-    section = readme().split("## Code layout")[1].split("\n## ")[0]
+def test_the_code_layout_table_matches_the_files():
+    section = doc("docs/development.md").split("## Code layout")[1].split("\n## ")[0]
     named = set()
     for cell in re.findall(r"^\| ([^|]+) \|", section, re.M):
         named |= set(re.findall(r"`([^`]+\.py)`", cell))

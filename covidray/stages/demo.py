@@ -14,8 +14,9 @@ from typing import ClassVar
 
 import pandas as pd
 
-from covidray.config import option, to_dict
+from covidray.config import option, to_dict, validate
 from covidray.datasets import split_rows
+from covidray.metrics import percent
 from covidray.layout import DataLayout, DemoLayout, RunLayout, ScoreLayout
 from covidray.stages.evaluate import EvaluateConfig, evaluate_run
 from covidray.stages.export import ExportConfig, export_run
@@ -39,8 +40,11 @@ class DemoConfig:
     workdir: str = option("s3://covidray-demo", "where the demo writes everything (bucket "
                                                 "created if missing)")
     images: int = option(240, "synthetic: images to make; a folder: most images to use "
-                              "(whole patient groups, both classes kept)")
+                              "(whole patient groups, both classes kept)", bounds=(8, None))
     train: TrainConfig = option(factory=lambda: TrainConfig.preset("demo"))
+
+    def __post_init__(self):
+        validate(self)
 
 
 def stage_synthetic(storage: Storage, data_uri: str, images: int, seed: int) -> str:
@@ -128,8 +132,8 @@ def summary_table(summary: dict) -> str:
              f"test ROC AUC   {metrics.get('roc_auc')}", "",
              "threshold  sensitivity  specificity"]
     for threshold, values in metrics.get("paper_thresholds", {}).items():
-        lines.append(f"{threshold:>9}  {_pct(values['sensitivity']):>11}  "
-                     f"{_pct(values['specificity']):>11}")
+        lines.append(f"{threshold:>9}  {percent(values['sensitivity']):>11}  "
+                     f"{percent(values['specificity']):>11}")
     lines += ["", "artifacts:"]
     for name, value in summary["artifacts"].items():
         for item in (value if isinstance(value, list) else [value]):
@@ -137,13 +141,12 @@ def summary_table(summary: dict) -> str:
     evaluation = summary["evaluation"]
     lines += ["", f"evaluation     test ROC AUC {evaluation['roc_auc']:.3f}; threshold "
                   f"{evaluation['operating_threshold']:.3g} chosen on val: test sensitivity "
-                  f"{_pct(evaluation['test_sensitivity'])}, specificity "
-                  f"{_pct(evaluation['test_specificity'])}",
+                  f"{percent(evaluation['test_sensitivity'])}, specificity "
+                  f"{percent(evaluation['test_specificity'])}",
               f"report         {evaluation['report']}",
               f"model card     {evaluation['model_card']}"]
     lines.append(f"\ntotal {summary['seconds']} s")
     return "\n".join(lines)
 
 
-def _pct(value) -> str:
-    return "n/a" if value is None else f"{100 * value:.1f}%"
+

@@ -13,15 +13,13 @@ import numpy as np
 import pandas as pd
 
 from covidray import audit, figures
-from covidray.config import DEFAULT_SEED, option, to_dict
-from covidray.datasets import load_pixels, split_rows
+from covidray.config import DEFAULT_SEED, option, to_dict, validate
+from covidray.datasets import pixels_of, split_rows
 from covidray.evaluation import evaluate_split, labelled, with_columns
-from covidray.images import normalize
 from covidray.layout import EvalLayout, RunLayout, ScoreLayout
 from covidray.model import load_checkpoint, model_from_checkpoint
 from covidray.model_card import build_model_card
-from covidray.onnx_model import (FEATURES_OUTPUT, onnx_session, positive_index, read_metadata,
-                                 with_features_output)
+from covidray.onnx_model import OnnxScorer
 from covidray.report import write_report
 from covidray.stages.score import ScoreConfig, score_archive
 from covidray.storage import Storage
@@ -34,14 +32,19 @@ class EvaluateConfig:
     run: str = option("", "run directory (trained and exported)", required=True)
     eval_dir: str | None = option(None, "evaluation directory (default <run>/eval)")
     target_sensitivity: float = option(0.95, "choose the operating threshold on validation as "
-                                             "the highest one reaching this sensitivity")
-    bootstrap: int = option(1000, "bootstrap replicates (patients resampled) for AUC intervals")
+                                             "the highest one reaching this sensitivity",
+                                      bounds=(0, 1))
+    bootstrap: int = option(1000, "bootstrap replicates (patients resampled) for AUC intervals",
+                           bounds=(0, None))
     breakdown: str = option("source,view,view_position,manufacturer,sex,age_group",
                             "comma-separated columns (manifest or DICOM) to break results down "
                             "by; those with a known value are used")
     saliency: int = option(4, "Grad-CAM overlays per kind (true positive, false positive, false "
-                              "negative) and split; 0: none")
+                              "negative) and split; 0: none", bounds=(0, None))
     audit: bool = option(True, "run the shortcut audit (source predictability, border test)")
+
+    def __post_init__(self):
+        validate(self)
 
     @property
     def breakdown_columns(self) -> tuple[str, ...]:
@@ -120,11 +123,11 @@ def inspect_model(config: EvaluateConfig, storage: Storage, run: RunLayout, tabl
         pixels = pixels_of(storage, held_out["uri"].tolist())
         # One onnxruntime pass: the features the last layer reads, and the scores the
         # border test starts from (the exported model at scoring speed, not torch).
-        model_pass = onnx_pass(storage.read_bytes(run.onnx))
-        scores, features = model_pass(pixels)
+        scorer = OnnxScorer(storage.read_bytes(run.onnx), run.onnx, features=True)
+        scores, features = scorer.scores_and_features(pixels)
         predictability = audit.source_and_label_predictability(features, held_out, DEFAULT_SEED)
         test_rows = np.arange(len(tables["val"]), len(held_out))
-        border = audit.border_test(lambda p: model_pass(p)[0], pixels[test_rows],
+        border = audit.border_test(scorer.scores, pixels[test_rows],
                                    held_out["target"].to_numpy()[test_rows], threshold,
                                    original=scores[test_rows])
         result["audit"] = {"images": int(len(held_out)), "splits": ["val", "test"],
@@ -133,37 +136,6 @@ def inspect_model(config: EvaluateConfig, storage: Storage, run: RunLayout, tabl
         result["audit"]["reading"] = audit.plain_reading(result["audit"])
         pngs["audit.png"] = figures.audit_png(result["audit"])
     return pngs
-
-
-def pixels_of(storage: Storage, uris: list[str], batch: int = 64) -> np.ndarray:
-    """The recipe's ``uint8[N, 224, 224]`` for each image, loaded as scoring loads them."""
-    parts = [load_pixels({"uri": np.asarray(uris[i:i + batch], dtype=object)}, storage,
-                         views="all")["pixels"] for i in range(0, len(uris), batch)]
-    return np.concatenate(parts) if parts else np.zeros((0, 224, 224), np.uint8)
-
-
-def onnx_pass(model_bytes: bytes, batch: int = 64):
-    """``pixels -> (COVID probabilities, features of the last layer's input)`` with the
-    exported model (what scoring runs), both from one onnxruntime pass."""
-    session = onnx_session(with_features_output(model_bytes))
-    positive = positive_index(read_metadata(session))
-
-    def run(pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        outputs = [session.run(["probabilities", FEATURES_OUTPUT],
-                               {"input": normalize(pixels[i:i + batch])})
-                   for i in range(0, len(pixels), batch)]
-        if not outputs:
-            return np.zeros(0), np.zeros((0, 0), np.float32)
-        return (np.concatenate([o[0] for o in outputs])[:, positive],
-                np.concatenate([o[1] for o in outputs]))
-
-    return run
-
-
-def onnx_scores(model_bytes: bytes, batch: int = 64):
-    """``pixels -> COVID probabilities`` with the exported model."""
-    run = onnx_pass(model_bytes, batch)
-    return lambda pixels: run(pixels)[0]
 
 
 def headline(result: dict, layout: EvalLayout) -> dict:

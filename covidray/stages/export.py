@@ -7,11 +7,12 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from covidray.config import option, to_dict
-from covidray.datasets import load_pixels, model_inputs
+from covidray.config import option, to_dict, validate
+from covidray.datasets import pixels_of
+from covidray.images import normalize
 from covidray.layout import RunLayout
 from covidray.model import load_checkpoint, model_from_checkpoint
-from covidray.onnx_model import (ExportParityError, export_onnx, model_metadata, onnx_session,
+from covidray.onnx_model import (ExportParityError, OnnxScorer, export_onnx, model_metadata,
                                  parity_check, quantize_int8)
 from covidray.storage import Storage
 
@@ -27,7 +28,11 @@ class ExportConfig:
                                    "0.003); the float model stays as model-fp32.onnx. Run "
                                    "`covidray evaluate` after it: the threshold is chosen on "
                                    "the int8 model's own scores", choices=("none", "int8"))
-    calibration_images: int = option(200, "validation images int8 is calibrated on")
+    calibration_images: int = option(200, "validation images int8 is calibrated on",
+                                     bounds=(1, None))
+
+    def __post_init__(self):
+        validate(self)
 
 
 def parity_inputs(storage: Storage, layout: RunLayout, count: int = PARITY_IMAGES) -> np.ndarray:
@@ -35,10 +40,10 @@ def parity_inputs(storage: Storage, layout: RunLayout, count: int = PARITY_IMAGE
     splits = storage.read_table(layout.splits)
     held_out = pd.concat([splits[splits["split"] == "test"], splits[splits["split"] == "val"],
                           splits[splits["split"] == "train"]]).head(count * 2)
-    inputs, _ = model_inputs(load_pixels({"uri": held_out["uri"].to_numpy()}, storage))
-    if not len(inputs):
+    pixels = pixels_of(storage, held_out["uri"].tolist(), readable_only=True)
+    if not len(pixels):
         raise ExportParityError("no readable image in the run's splits to check parity on")
-    return inputs[:count]
+    return normalize(pixels[:count])
 
 
 def calibration_inputs(storage: Storage, layout: RunLayout, count: int) -> np.ndarray:
@@ -48,14 +53,7 @@ def calibration_inputs(storage: Storage, layout: RunLayout, count: int) -> np.nd
     if val.empty:
         raise ValueError("int8 calibration needs validation images: train with --val-fraction > 0")
     sample = val.sample(n=min(count, len(val)), random_state=0)
-    inputs, _ = model_inputs(load_pixels({"uri": sample["uri"].to_numpy()}, storage))
-    return inputs
-
-
-def _max_diff(fp32: bytes, int8: bytes, inputs: np.ndarray) -> float:
-    outputs = [onnx_session(model).run(["probabilities"], {"input": inputs})[0]
-               for model in (fp32, int8)]
-    return float(np.abs(outputs[0] - outputs[1]).max())
+    return normalize(pixels_of(storage, sample["uri"].tolist(), readable_only=True))
 
 
 def export_run(config: ExportConfig, storage: Storage, ray_address: str | None = None) -> dict:
@@ -76,7 +74,9 @@ def export_run(config: ExportConfig, storage: Storage, ray_address: str | None =
         int8 = quantize_int8(data, calibration_inputs(storage, layout, config.calibration_images))
         report["int8"] = {"fp32_model": layout.onnx_fp32, "bytes": len(int8),
                           "calibration_images": config.calibration_images,
-                          "max_abs_diff_probabilities_vs_fp32": _max_diff(data, int8, checked)}
+                          "max_abs_diff_probabilities_vs_fp32": float(np.abs(
+                              OnnxScorer(data, target).probabilities(checked)
+                              - OnnxScorer(int8, target).probabilities(checked)).max())}
         data = int8
     storage.write_bytes(target, data)
     report.update(model=target, bytes=len(data), metadata=metadata, config=to_dict(config))

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from covidray.augment import AugmentConfig, Augmenter
-from covidray.config import DEFAULT_SEED, from_dict, option, to_dict
+from covidray.config import DEFAULT_SEED, from_dict, option, to_dict, validate
 from covidray.datasets import INDEX_COLUMNS, assign_splits, grow_class, load_index, load_pixels
 from covidray.labels import POSITIVE_LABEL
 from covidray.layout import CHECKPOINT_FILE, RunLayout
@@ -29,7 +29,8 @@ from covidray.loop import (evaluate, in_memory, make_checkpoint, ordered_batches
 from covidray.model import (TRAIN_LAYERS, WeightsUnavailable, build_model, checkpoint_bytes,
                             checkpoint_from_bytes, describe_weights, freeze_for, head,
                             initial_model, load_checkpoint, load_weights)
-from covidray.storage import Location, Storage
+from covidray.location import Location
+from covidray.storage import Storage
 
 # Presets are config values: "paper" is TrainConfig's defaults; the others change a few.
 PRESETS = {
@@ -54,37 +55,45 @@ class TrainConfig:
                            "<p>/<label>/<file>", required=True)
     run: str = option("", "run directory (s3://... or a local path)", required=True)
     protocol: str = option("paper", "preset for every option not given: paper = the paper's "
-                                    "protocol (these defaults)", choices=tuple(PRESETS))
-    epochs: int = option(100, "passes over the training set")
-    batch_size: int = option(20, "images per training step")
-    lr: float = option(1e-4, "Adam learning rate")
+                                    "protocol (these defaults)", choices=tuple(PRESETS),
+                           preset=True)
+    epochs: int = option(100, "passes over the training set", bounds=(1, None))
+    batch_size: int = option(20, "images per training step", bounds=(1, None))
+    lr: float = option(1e-4, "Adam learning rate", bounds=(0, None))
     weights: str = option("imagenet", "starting weights: imagenet (torchvision IMAGENET1K_V1, "
                                       "hash-checked), none (random), a state-dict path / s3:// "
                                       "URI, or auto (imagenet if reachable, else none)")
     train_layers: str = option("fc", "fc: only the last layer, on a frozen backbone whose "
                                      "features are computed once (paper); all: every layer",
                                choices=TRAIN_LAYERS)
-    workers: int = option(1, "Ray Train workers")
+    workers: int = option(1, "Ray Train workers", bounds=(1, None))
     use_gpu: bool = option(False, "one GPU per training worker")
     val_fraction: float = option(0.15, "share of patients held out for validation (rows "
-                                       "without a split)")
+                                       "without a split)", bounds=(0, 1))
     test_fraction: float = option(0.15, "share of patients held out for testing (rows without "
-                                        "a split)")
+                                        "a split)", bounds=(0, 1))
     seed: int = option(DEFAULT_SEED, "seeds splits, augmentation and initialisation")
     covid_target: int = option(450, "grow the COVID training class to this many images with "
-                                    "augmented copies (0 = no copies)")
+                                    "augmented copies (0 = no copies)", bounds=(0, None))
     threshold: float = option(0.5, "operating threshold stored in the model (COVID if score "
-                                   ">= it); `covidray evaluate` reports the one chosen on val")
+                                   ">= it); `covidray evaluate` reports the one chosen on val",
+                               bounds=(0, 1))
     checkpoint_every: int = option(0, "epochs between checkpoints (0: every epoch when all "
                                       "layers train, every 10 for a head on cached features; "
-                                      "the last always)")
+                                      "the last always)", bounds=(0, None))
     augment: AugmentConfig = option(factory=AugmentConfig)
     resume: bool = option(False, "continue from the newest checkpoint under "
                                  "<run>/train/checkpoints (one already at --epochs is the "
                                  "model; one of other settings or splits is refused)")
     max_failures: int = option(3, "lost workers (a killed process, a lost node or spot "
                                   "instance) Ray Train recovers from, restarting from the last "
-                                  "checkpoint, before the run fails")
+                                  "checkpoint, before the run fails", bounds=(0, None))
+
+    def __post_init__(self):
+        validate(self)
+        if self.val_fraction + self.test_fraction >= 1:
+            raise ValueError(f"--val-fraction {self.val_fraction:g} and --test-fraction "
+                             f"{self.test_fraction:g} leave no patient to train on")
 
     @classmethod
     def preset(cls, name: str, **values) -> "TrainConfig":
@@ -232,11 +241,13 @@ def image_stream(frame, storage: Storage, augmenter=None, data_cpus: float = 1.0
 def ordered_ingest():
     """Ray Train's ingest options, with the blocks delivered in order: the epochs' seeded
     local shuffle then starts from one order, and a one-worker run repeats exactly."""
-    import ray.train
+    from ray.data import DataContext, ExecutionOptions
 
-    options = ray.train.DataConfig.default_ingest_options()
-    options.preserve_order = True
-    return options
+    # Not DataConfig.default_ingest_options(): it copies the deprecated exclude_resources,
+    # whose setter prints a deprecation warning into every training job's log.
+    current = DataContext.get_current().execution_options
+    return ExecutionOptions(resource_limits=current.resource_limits, preserve_order=True,
+                            verbose_progress=current.verbose_progress)
 
 
 def training_datasets(train_index, val_index, storage: Storage, augmenter,

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from covidray.config import DEFAULT_SEED, option, to_dict
+from covidray.config import DEFAULT_SEED, option, to_dict, validate
 from covidray.datasets import unit_hash
 from covidray.labels import LABELS, POSITIVE_LABEL
 from covidray.layout import DataLayout
@@ -27,8 +27,11 @@ class UploadConfig:
     source: str = option("", "folder with metadata.csv (file, label, ...)", required=True)
     dest: str = option("", "where to put it, e.g. s3://bucket/cxr", required=True)
     images: int | None = option(None, "at most this many images, whole patient groups "
-                                      "(default: all)")
+                                      "(default: all)", bounds=(1, None))
     seed: int = option(DEFAULT_SEED, "seeds the choice of groups")
+
+    def __post_init__(self):
+        validate(self)
 
 
 def upload_dataset(config: UploadConfig, storage: Storage, ray_address: str | None = None) -> dict:

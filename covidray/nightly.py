@@ -1,0 +1,217 @@
+"""The cumulative view of a nightly (``--incremental``) scoring output, and one run's change
+to it.
+
+``<output>/_CURRENT.json`` names the committed run parts and the state table
+(``<output>/state/<run>/``): one row per object the archive lists now, with its latest
+result, at the latest run's threshold (:mod:`covidray.incremental` has the merge rules).
+A run reads the view it starts from (:func:`read_current`), adopts what killed runs of the
+same model left (:meth:`NightlyView.adopt_killed_runs`), merges its listing with the view
+to find what to score (:meth:`NightlyView.stage_todo`), writes the next state generation
+(:meth:`NightlyView.write_state`), and finally the new ``_CURRENT.json``
+(:meth:`NightlyView.current_json`), after which the generations before the last two are
+deleted (:meth:`NightlyView.delete_old_states`).
+"""
+
+from __future__ import annotations
+
+import io
+
+import pandas as pd
+
+from covidray.archive_index import same_archive, staged_index, with_identity
+from covidray.datasets import is_manifest
+from covidray.incremental import (STATE_COLUMNS, STATE_SCHEMA, ViewChange, frames_of,
+                                  merged_state, reconcile, rows, state_frame)
+from covidray.labels import LABELS
+from covidray.layout import ScoreLayout
+from covidray.location import name_of
+from covidray.result_parts import parquet_parts, result_parts
+from covidray.storage import Storage
+
+STATE_PART_ROWS = 50_000
+
+
+def empty_view(model_digest: str) -> dict:
+    return {"runs": [], "state": None, "model_digest": model_digest}
+
+
+def read_current(storage: Storage, output: ScoreLayout, archive: str, views: str,
+                 model_digest: str) -> dict:
+    """The cumulative view a run of ``model_digest`` over ``archive`` starts from: the
+    output's ``_CURRENT.json``, or an empty view (also when the model or the ``--views``
+    policy changed: what was skipped or scored may differ). A view of another archive is
+    refused: this run would drop all of it."""
+    if not storage.exists(output.current):
+        return empty_view(model_digest)
+    current = storage.read_json(output.current)
+    if not same_archive(current.get("archive", archive), archive):
+        raise ValueError(
+            f"{output.root} holds the nightly view of the archive {current['archive']}, not "
+            f"of {archive}: give this archive its own --output (or remove {output.current} "
+            "to start this output's view again)")
+    if current.get("model_digest") != model_digest:
+        print(f"the model changed since the last run ({current.get('model_digest')} -> "
+              f"{model_digest}): scoring everything again", flush=True)
+        return empty_view(model_digest)
+    if current.get("views", views) != views:
+        print(f"--views changed since the last run ({current['views']} -> {views}): scoring "
+              "everything again", flush=True)
+        return empty_view(model_digest)
+    return current
+
+
+class NightlyView:
+    """One nightly run's work on the cumulative view of ``output``: ``current`` is the view
+    it started from (:func:`read_current`); the run writes its own part ``part`` and stages
+    under ``output.staged(run_id, ...)``."""
+
+    def __init__(self, storage: Storage, output: ScoreLayout, part: ScoreLayout, run_id: str,
+                 current: dict, settings: dict):
+        self.storage, self.output, self.part, self.run_id = storage, output, part, run_id
+        self.current = current
+        # archive, model, model_digest, views, threshold, max_removed of this run
+        self.settings = settings
+
+    # --- what killed runs left -----------------------------------------------------------
+    def adopt_killed_runs(self) -> dict:
+        """Move the parts of earlier runs of this model that the cumulative view never took
+        in (killed before their marker, or between it and ``_CURRENT.json``) into this run;
+        returns the counts of what they had scored or recorded as failed."""
+        counts = {"scored": 0, "failed": 0, "labelled": 0}
+        committed = set(self.current["runs"])
+        for config_uri in self.storage.list_files(self.output.runs, (".json",)):
+            name = self.output.run_of_part_config(config_uri)
+            if name is None or name == self.run_id or name in committed:
+                continue
+            old = ScoreLayout(self.output.run_part(name))
+            made = self.storage.read_json(old.config)
+            record = (self.storage.read_json(old.run_record)
+                      if self.storage.exists(old.run_record) else made)
+            if (record.get("model_digest"), made.get("views", self.settings["views"])) != (
+                    self.settings["model_digest"], self.settings["views"]):
+                continue
+            before = counts["scored"] + counts["failed"]
+            for part in result_parts(self.storage, old):
+                scored = part.startswith(old.predictions + "/")
+                data = self.storage.read_bytes(part)  # read once: counted, then copied
+                frame = pd.read_parquet(io.BytesIO(data), columns=["label"])
+                counts["scored" if scored else "failed"] += len(frame)
+                if scored:
+                    counts["labelled"] += int(frame["label"].isin(LABELS).sum())
+                target = self.part.predictions if scored else self.part.errors
+                self.storage.write_bytes(f"{target}/{name}-{name_of(part)}", data)
+            self.storage.delete_prefix(old.root)
+            adopted = counts["scored"] + counts["failed"] - before
+            print(f"resumed: adopted the {adopted} results the unfinished run {name} had "
+                  "written" if adopted else
+                  f"removed the part of the unfinished run {name}, which had no results",
+                  flush=True)
+        return counts
+
+    # --- the merge -------------------------------------------------------------------------
+    def sorted_results(self, scored_here: bool = False):
+        """This run's predictions and errors as state rows, URI-sorted by one Ray sort: all of
+        them (those adopted from killed runs too), or with ``scored_here`` only the parts
+        this run scored itself."""
+        parts = result_parts(self.storage, self.part, self.run_id if scored_here else None)
+        if not parts:
+            return iter(())
+        data = parquet_parts(self.storage, parts, state_of_run=self.run_id)
+        return rows(data.sort("uri").iter_batches(batch_size=65_536, batch_format="pandas"),
+                    STATE_COLUMNS)
+
+    def state_rows(self):
+        """The committed state table's rows, in URI order (its parts are written sorted)."""
+        if not self.current["state"]:
+            return iter(())
+        parts = sorted(self.storage.list_files(self.current["state"], (".parquet",)))
+        return rows((state_frame(self.storage.read_table(p)) for p in parts), STATE_COLUMNS)
+
+    def stage_todo(self, adopted: int) -> tuple[int, ViewChange]:
+        """One merge of the sorted listing with the view (and what was adopted): the objects
+        still to score go to the run's staged ``todo``, the view's rows still listed and
+        unchanged to its ``kept``. Returns how many to score, and what happens to the view;
+        refuses a listing that would drop more than ``max_removed`` of the view."""
+        index = staged_index(self.storage, self.output.staged(self.run_id))
+        if is_manifest(self.settings["archive"]):  # a listing has every ETag; a manifest may not
+            index = index.map_batches(with_identity, fn_kwargs={"storage": self.storage},
+                                      batch_size=None, batch_format="pandas", num_cpus=0.25)
+        listing = index.sort("uri").iter_batches(batch_size=65_536, batch_format="pandas")
+        done = merged_state(self.state_rows(), self.sorted_results() if adopted else iter(()))
+        change, todo, kept, parts = ViewChange(self.settings["threshold"]), 0, [], 0
+        todo_folder = self.output.staged(self.run_id, "todo")
+        for number, (frame, still) in enumerate(reconcile(listing, done, change)):
+            if len(frame):
+                self.storage.write_table(f"{todo_folder}/part-{number:05d}.parquet", frame)
+                todo += len(frame)
+            kept.extend(still)
+            if len(kept) >= STATE_PART_ROWS:
+                parts = self._write_kept(kept, parts)
+                kept = []
+        if kept:
+            self._write_kept(kept, parts)
+        limit = self.settings["max_removed"]
+        if change.previous and change.removed > limit * change.previous:
+            raise ValueError(
+                f"not published: {change.removed} of the {change.previous} objects in the "
+                f"cumulative view are no longer listed in {self.settings['archive']} (more than "
+                f"--max-removed {limit:g} of it). If the archive really shrank, run again with "
+                "a larger --max-removed")
+        return todo, change
+
+    def _write_kept(self, kept: list[tuple], number: int) -> int:
+        frame = pd.DataFrame(kept, columns=STATE_COLUMNS)
+        self.storage.write_table(
+            f"{self.output.staged(self.run_id, 'kept')}/part-{number:05d}.parquet", frame,
+            STATE_SCHEMA)
+        return number + 1
+
+    def report(self, change: ViewChange) -> None:
+        if change.removed:
+            print(f"{change.removed} objects of the cumulative view are no longer listed: they "
+                  "leave it (the run parts that scored them stay)", flush=True)
+        if change.rethresholded:
+            print(f"{change.rethresholded} earlier predictions re-applied at threshold "
+                  f"{self.settings['threshold']:.4g} (same model, same scores)", flush=True)
+
+    # --- the next generation ---------------------------------------------------------------
+    def write_state(self, change: ViewChange) -> tuple[str, int]:
+        """The next state table generation (the cumulative view): the rows kept from the
+        previous one (already at this run's threshold) and the objects this run scored, one
+        schema in every part; exactly one row per object listed, or nothing is published.
+        Returns where it is and how many rows it holds."""
+        target = self.output.state(self.run_id)
+        kept = sorted(self.storage.list_files(self.output.staged(self.run_id, "kept"),
+                                              (".parquet",)))
+        merged = merged_state(rows((self.storage.read_table(p) for p in kept), STATE_COLUMNS),
+                              self.sorted_results(scored_here=True))
+        written = 0
+        for number, frame in enumerate(frames_of(merged, STATE_COLUMNS, STATE_PART_ROWS)):
+            self.storage.write_table(f"{target}/part-{number:05d}.parquet", frame, STATE_SCHEMA)
+            written += len(frame)
+        if written != change.listed:
+            raise RuntimeError(f"not published: the cumulative view would hold {written} "
+                               f"objects for the {change.listed} listed")
+        return target, written
+
+    def current_json(self, summary: dict) -> dict:
+        """The new ``_CURRENT.json``: every committed run part and the state this run wrote
+        (``summary``: the run's, with :meth:`write_state`'s ``state`` and ``objects``)."""
+        runs = [*self.current["runs"], self.run_id]
+        return {"archive": self.settings["archive"], "model": self.settings["model"],
+                "model_digest": self.settings["model_digest"], "views": self.settings["views"],
+                "threshold": self.settings["threshold"], "objects": summary["objects"],
+                "runs": runs, "state": summary["state"], "last_run": summary,
+                "parts": [self.output.run_part(r) for r in runs]}
+
+    def delete_old_states(self, state: str) -> int:
+        """Delete the state generations before ``state`` and the one this run started from
+        (a reader that read the previous ``_CURRENT.json`` still finds its state); returns
+        how many parts it deleted."""
+        keep = [s + "/" for s in (state, self.current["state"]) if s]
+        deleted = 0
+        for old in self.storage.list_files(self.output.states, (".parquet",)):
+            if not any(old.startswith(k) for k in keep):
+                self.storage.delete(old)
+                deleted += 1
+        return deleted
