@@ -49,12 +49,13 @@ import s3_server  # noqa: E402
 
 from covidray.cluster import plan_resources  # noqa: E402
 from covidray.datasets import load_pixels  # noqa: E402
-from covidray.images import normalize  # noqa: E402
+from covidray.images import decode_with_tags, normalize, to_input_pixels  # noqa: E402
 from covidray.model import build_model  # noqa: E402
 from covidray.onnx_model import (export_onnx, model_metadata, onnx_session,  # noqa: E402
                                  score_on_gpu)
 from covidray.archive_index import snapshot_index  # noqa: E402
 from covidray.stages.score import ScoreConfig, loaded_images, score_archive  # noqa: E402
+from covidray.profile import image_profile  # noqa: E402
 from covidray.storage import Storage, StorageSettings  # noqa: E402
 from covidray.synthetic import encode, synthetic_xray  # noqa: E402
 
@@ -114,6 +115,20 @@ def decode_only(storage: Storage, manifest: str, count: int, windows: int = 2) -
             out = load_pixels({"uri": uris[start:start + 32]}, storage)
             assert (out["error"] == "").all(), out["error"]
     return best_rate(run, len(uris), windows)
+
+
+def profiling_seconds(storage: Storage, manifest: str, count: int = 256) -> float:
+    """Core-seconds per image of the drift profile (covidray.profile.image_profile), which
+    loading adds to every row: timed alone in this process, on the archive's own images."""
+    decoded = []
+    for uri in storage.read_table(manifest)["uri"].head(count):
+        image, tags = decode_with_tags(storage.read_bytes(uri))
+        decoded.append((image.width, image.height, tags, to_input_pixels(image)))
+
+    def run():
+        for width, height, tags, pixels in decoded:
+            image_profile(width, height, tags["bit_depth"], tags["photometric"], pixels)
+    return 1 / best_rate(run, len(decoded), 3)
 
 
 def measure_bounds(model: bytes, cpus: int, gpu: bool, batch: int, storage: Storage,
@@ -225,6 +240,7 @@ def main() -> None:
         ray_a, ray_b = (decode_in_ray(storage, archive, f"{BUCKET}/staging/{name}", gpu)
                         for name, archive in (("a", archive_a), ("b", archive_b)))
         bound, decode_a, decode_b = np.maximum(before, after)
+        profile_s = profiling_seconds(storage, archive_a)
         bound_b = min(bound, decode_b)
         # Where model and decode run on the same cores (no GPU), each image costs both.
         shared_a, shared_b = (1 / (1 / bound + 1 / decode) for decode in (decode_a, decode_b))
@@ -260,6 +276,11 @@ def main() -> None:
             for name, rate, decoded in (("(a)", rate_a, ray_a), ("(b)", rate_b, ray_b)):
                 print(f"end to end {name} / min(model, decode in Ray)".ljust(50)
                       + f"{rate / min(bound, decoded):7.2f}x")
+        # Every image costs cpus / rate core-seconds end to end; the profile is part of it.
+        for name, rate in (("(a)", rate_a), ("(b)", rate_b)):
+            print(f"drift profile, share of an image's cost {name}".ljust(50)
+                  + f"{100 * profile_s / (cpus / rate):7.2f} %  ({1e6 * profile_s:.0f} us per "
+                  "image, one core; the limit is 3%)")
         print(f"small archive ({args.small} images) on a warm cluster   "
               f"{small_run['wall']:7.1f} s")
     finally:

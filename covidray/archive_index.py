@@ -9,6 +9,8 @@ the URI, label, source and group, and which version of the object it is (ETag, s
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import pandas as pd
 
@@ -30,14 +32,29 @@ def snapshot_index(storage: Storage, archive: str, folder: str,
     memory), and every row is validated here, on the driver, before any cluster work: a bad
     manifest fails with one line. Parts of a prefix listing are in URI order (S3 lists keys
     in that order)."""
-    listed = 0
+    listed, seen = 0, {}
     for part, frame in enumerate(index_chunks(storage, archive, allow_local_paths)):
+        if is_manifest(archive):  # a listing names each key once; a manifest may not
+            refuse_duplicates(frame["uri"], listed, seen, archive)
         storage.write_table(f"{folder}/part-{part:05d}.parquet", carried(frame))
         listed += len(frame)
     if not listed:
         raise StorageError(f"no images found in '{archive}' "
                            f"(looked for {', '.join(IMAGE_SUFFIXES)})")
     return listed
+
+
+def refuse_duplicates(uris: pd.Series, first_row: int, seen: dict, archive: str) -> None:
+    """Refuse a manifest that names one object twice (it would be scored and counted twice):
+    ``seen`` maps an 8-byte digest of each URI so far to its row (about 100 bytes a row)."""
+    for offset, uri in enumerate(uris):
+        key = hashlib.blake2b(uri.encode(), digest_size=8).digest()
+        row = first_row + offset
+        if key in seen:
+            raise ValueError(f"manifest '{archive}' names {uri!r} twice (rows {seen[key] + 1} and "
+                             f"{row + 1}, counting from the first data row): list each object "
+                             "once")
+        seen[key] = row
 
 
 def index_chunks(storage: Storage, archive: str, allow_local_paths: bool):

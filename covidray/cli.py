@@ -94,7 +94,12 @@ def parse(argv=None) -> tuple[Stage, object, argparse.Namespace]:
 
 
 def main(argv=None) -> int:
-    stage, config, args = parse(argv)
+    try:
+        stage, config, args = parse(argv)
+    except ValueError as exc:  # a value outside an option's bounds (the config says which)
+        print(f"covidray: error: {exc}", file=sys.stderr)
+        return 2
+    from covidray.drift import DriftDetected
     from covidray.lease import LeaseHeld
     from covidray.model import WeightsUnavailable
     from covidray.onnx_model import ExportParityError
@@ -104,6 +109,9 @@ def main(argv=None) -> int:
         storage = Storage(StorageSettings.from_env(args.s3_endpoint, args.s3_region,
                                                    args.aws_profile, args.s3_outage_seconds))
         result = stage.run(config, storage, args.ray_address)
+    except DriftDetected as exc:  # --fail-on-drift: the results are published all the same
+        print(f"covidray {stage.name}: {exc}", file=sys.stderr)
+        return 3
     except (StorageError, WeightsUnavailable, ExportParityError, LeaseHeld, ValueError) as exc:
         print(f"covidray {stage.name}: error: {exc}", file=sys.stderr)
         return 2

@@ -17,9 +17,12 @@ import pandas as pd
 
 from covidray.config import seeded_hash
 from covidray.dicom import DICOM_COLUMNS
-from covidray.images import (IMAGE_SUFFIXES, INPUT_SIZE, DecodeError, decode_with_tags,
-                             to_input_pixels)
+from covidray.incremental import UNKNOWN_ETAG
+from covidray.images import (IMAGE_SUFFIXES, INPUT_SIZE, DecodeError, declared_pixels,
+                             decode_with_tags, to_input_pixels)
 from covidray.labels import LABELS, label_index
+from covidray.pixels import DecodeBudget
+from covidray.profile import NUMBERS, PROFILE_COLUMNS, empty_profile, image_profile
 from covidray.location import Location, StorageError, StorageOutage
 from covidray.storage import Storage
 from covidray.views import VIEW_POLICIES, view_check
@@ -27,7 +30,8 @@ from covidray.views import VIEW_POLICIES, view_check
 SPLITS = ("train", "val", "test")
 INDEX_COLUMNS = ("uri", "label", "patient_id", "group", "split", "source", "copy")
 ARCHIVE_COLUMNS = ["uri", "label", "source", "group"]  # what an index row carries to outputs
-LOADED_COLUMNS = [*DICOM_COLUMNS, "view_check"]  # what loading an image adds to its row
+_TAG_COLUMNS = [*DICOM_COLUMNS, "view_check"]
+LOADED_COLUMNS = [*_TAG_COLUMNS, *PROFILE_COLUMNS]  # what loading an image adds to its row
 _URI_COLUMNS = ("uri", "image", "path", "file")
 _LABEL_ALIASES = {"covid": "covid", "covid-19": "covid", "covid19": "covid", "positive": "covid",
                   "non_covid": "non_covid", "non-covid": "non_covid", "noncovid": "non_covid",
@@ -109,7 +113,7 @@ def manifest_to_index(table: pd.DataFrame, manifest_uri: str,
     manifest = Location.parse(manifest_uri)
     base = manifest.parent
     table = table.reset_index(drop=True)
-    raw_uris = table[uri_column].astype("string").str.strip()
+    raw_uris = table[uri_column].astype("string")  # verbatim: " a.png" is its own S3 key
     empty = raw_uris.isna() | (raw_uris == "")
     if empty.any():
         raise ValueError(f"manifest '{manifest_uri}': {int(empty.sum())} row(s) have an empty "
@@ -208,54 +212,80 @@ def load_pixels(batch: dict, storage: Storage, augmenter=None, io_threads: int =
     """Fetch, decode and preprocess a batch of index rows.
 
     Adds ``pixels`` (``uint8[N, 224, 224]``), ``target`` (class index), ``error`` (``""``
-    when the row loaded, else the reason) and :data:`LOADED_COLUMNS` (the DICOM tags and
-    the view check; empty strings where there is nothing to say). A row that fails keeps
+    when the row loaded, else the reason) and :data:`LOADED_COLUMNS`: the DICOM tags and the
+    view check (empty strings where there is nothing to say), and the image's profile
+    (:mod:`covidray.profile`; NaN and ``""`` where it did not load). A row that fails keeps
     all-zero pixels so the batch stays rectangular; consumers act on ``error``.
     Rows with ``copy`` >= 1 are augmented by ``augmenter``. With ``views="frontal"`` a
     lateral view (DICOM ``ViewPosition``) is an error row, "lateral view skipped".
+
+    A batch that carries the listing's ``etag`` and ``size`` leaves with those of the bytes
+    actually read (the GET's), and ``changed``: whether they differ from the listing's.
     """
     if views not in VIEW_POLICIES:
         raise ValueError(f"views must be one of {VIEW_POLICIES}, not '{views}'")
     uris = [str(u) for u in batch["uri"]]
     copies = batch.get("copy", np.zeros(len(uris), dtype=np.int64))
-    blank = dict.fromkeys(LOADED_COLUMNS, "")
+    blank = {**dict.fromkeys(_TAG_COLUMNS, ""), **empty_profile()}
+    budget = DecodeBudget()
 
-    def one(i: int):
+    def one(i: int) -> dict:
         try:
-            data = storage.read_bytes(uris[i])  # rides out transient errors itself
+            data, etag = storage.read_with_etag(uris[i])  # rides out transient errors itself
         except StorageOutage:
             raise  # storage is down, not this image unreadable: the run fails, publishes nothing
         except Exception as exc:  # missing object, permissions
-            return None, f"read failed: {type(exc).__name__}: {exc}", blank
-        tags = blank
+            return {**blank, "error": f"read failed: {type(exc).__name__}: {exc}"}
+        found = {**blank, "read": (etag, len(data))}
         try:
-            image, tags = decode_with_tags(data)
-            pixels = to_input_pixels(image)
-            lateral, note = view_check(tags["view_position"], pixels)
-            tags = {**tags, "view_check": note}
-            if lateral and views == "frontal":
-                return None, f"{note} skipped: the model reads frontal views", tags
-            if augmenter is not None and int(copies[i]) > 0:
-                pixels = to_input_pixels(augmenter(image, uris[i], int(copies[i])))
-            return pixels, "", tags
+            with budget.holding(declared_pixels(data)):  # bounded by pixels, not images
+                return decoded(data, found, i)
         except DecodeError as exc:
-            return None, str(exc), {**blank, **tags}
+            return {**found, "error": str(exc)}
         except Exception as exc:
-            return None, f"preprocessing failed: {type(exc).__name__}: {exc}", {**blank, **tags}
+            return {**found, "error": f"preprocessing failed: {type(exc).__name__}: {exc}"}
+
+    def decoded(data: bytes, found: dict, i: int) -> dict:
+        image, tags = decode_with_tags(data)
+        found.update({c: tags[c] for c in DICOM_COLUMNS})
+        pixels = to_input_pixels(image)
+        lateral, note = view_check(tags["view_position"], pixels)
+        found.update(view_check=note, **image_profile(
+            image.width, image.height, tags["bit_depth"], tags["photometric"], pixels))
+        if lateral and views == "frontal":
+            return {**found, "error": f"{note} skipped: the model reads frontal views"}
+        if augmenter is not None and int(copies[i]) > 0:
+            pixels = to_input_pixels(augmenter(image, uris[i], int(copies[i])))
+        return {**found, "pixels": pixels, "error": ""}
 
     with ThreadPoolExecutor(max_workers=max(1, min(io_threads, len(uris)))) as pool:
         results = list(pool.map(one, range(len(uris))))
     pixels = np.zeros((len(uris), INPUT_SIZE, INPUT_SIZE), dtype=np.uint8)
-    for i, (array, _, _) in enumerate(results):
-        if array is not None:
-            pixels[i] = array
+    for i, result in enumerate(results):
+        if "pixels" in result:
+            pixels[i] = result["pixels"]
     out = dict(batch)
     out["pixels"] = pixels
     out["target"] = label_index(batch["label"]) if "label" in batch else np.full(len(uris), -1)
-    out["error"] = np.asarray([error for _, error, _ in results], dtype=object)
+    out["error"] = np.asarray([r["error"] for r in results], dtype=object)
     for column in LOADED_COLUMNS:
-        out[column] = np.asarray([tags.get(column, "") for _, _, tags in results], dtype=object)
+        out[column] = np.asarray([r[column] for r in results],
+                                 dtype=np.float64 if column in NUMBERS else object)
+    if "etag" in batch:
+        _with_read_identity(out, [r.get("read") for r in results])
     return out
+
+
+def _with_read_identity(out: dict, read: list) -> None:
+    """The rows' ``etag``/``size`` become those of the bytes read where a row was read;
+    ``changed`` marks a row whose object was rewritten since it was listed."""
+    listed_etag, listed_size = np.asarray(out["etag"], dtype=object), np.asarray(out["size"])
+    etag, size = listed_etag.copy(), listed_size.astype(np.int64).copy()
+    for i, identity in enumerate(read):
+        if identity is not None:
+            etag[i], size[i] = identity
+    out["changed"] = (listed_etag != UNKNOWN_ETAG) & ((etag != listed_etag) | (size != listed_size))
+    out["etag"], out["size"] = etag, size
 
 
 def loaded_batches(storage: Storage, uris: list[str], batch: int = 64, views: str = "all"):

@@ -35,8 +35,17 @@ def is_dicom(data: bytes) -> bool:
     return len(data) >= 132 and data[128:132] == b"DICM"
 
 
+def dicom_pixels(data: bytes) -> int:
+    """Rows x Columns of a DICOM file, read from its header (its pixel data skipped)."""
+    import pydicom
+
+    dataset = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
+    return int(dataset.get("Rows", 0) or 0) * int(dataset.get("Columns", 0) or 0)
+
+
 def read_dicom(data: bytes) -> tuple[Image.Image, dict]:
-    """DICOM Part 10 bytes -> (8-bit ``L`` image, ``{column: value}`` for :data:`DICOM_COLUMNS`)."""
+    """DICOM Part 10 bytes -> (8-bit ``L`` image, ``{column: value}`` for :data:`DICOM_COLUMNS`,
+    with ``bit_depth`` (BitsStored) and ``photometric``)."""
     import pydicom
     from pydicom.errors import InvalidDicomError
 
@@ -63,6 +72,7 @@ def read_dicom(data: bytes) -> tuple[Image.Image, dict]:
         name = getattr(syntax, "name", str(syntax))
         raise DecodeError(f"cannot decode DICOM pixel data ({name}): "
                           f"{type(exc).__name__}: {exc}") from None
+    tags.update(bit_depth=int(dataset.get("BitsStored", 0) or 0), photometric=photometric)
     return _display(stored, dataset, photometric == "MONOCHROME1"), tags
 
 

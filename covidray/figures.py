@@ -194,3 +194,81 @@ def audit_png(audit: dict) -> bytes:
     right.set_ylim(0, 1)
     right.set_title("test AUC with parts of the image blanked", fontsize=9)
     return _png(figure)
+
+
+def _bin_labels(edges: list[float]) -> list[str]:
+    """Names of :func:`covidray.drift.bin_index`'s bins: ``<e1``, ``=e1``, ``e1-e2``, ..."""
+    labels = [f"<{edges[0]:.3g}"]
+    for i, edge in enumerate(edges):
+        labels.append(f"={edge:.3g}")
+        labels.append(f"{edge:.3g}-{edges[i + 1]:.3g}" if i + 1 < len(edges) else f">{edge:.3g}")
+    return labels
+
+
+def drift_png(drift: dict) -> bytes:
+    """One panel per quantity: the reference's shares against this run's (bins or
+    categories), the statistic in the title, red where it drifted."""
+    quantities = drift["quantities"]
+    names = list(quantities)
+    columns = 4
+    rows = max(1, -(-len(names) // columns))
+    figure, axes = plt.subplots(rows, columns, figsize=(4.0 * columns, 2.9 * rows),
+                                squeeze=False)
+    for axis, name in zip(axes.ravel(), names):
+        entry = quantities[name]
+        if "reference_counts" in entry:
+            labels = _bin_labels(entry["bins"])
+            ref, run = (np.asarray(entry[k], float) for k in ("reference_counts", "run_counts"))
+            keep = (ref + run) > 0  # the bins either side holds something in
+            labels = [label for label, k in zip(labels, keep) if k]
+            ref, run = ref[keep], run[keep]
+        elif "interval" in entry:
+            labels, ref, run = ["positive"], np.asarray([entry["reference"]]), \
+                np.asarray([entry["value"]])
+        else:
+            labels = sorted(set(entry["reference"]) | set(entry["run"]))[:8]
+            ref = np.asarray([entry["reference"].get(v, 0) for v in labels], float)
+            run = np.asarray([entry["run"].get(v, 0) for v in labels], float)
+            labels = [v or "(none)" for v in labels]
+        ref, run = ref / max(ref.sum(), 1e-12), run / max(run.sum(), 1e-12)
+        if "interval" in entry:
+            ref, run = np.asarray([entry["reference"]]), np.asarray([entry["value"]])
+        x = np.arange(len(labels))
+        axis.bar(x - 0.2, ref, 0.4, label="reference", color="#8da0cb")
+        axis.bar(x + 0.2, run, 0.4, label="this run",
+                 color="#d62728" if entry["drifted"] else "#66c2a5")
+        axis.set_xticks(x, labels, rotation=35, ha="right", fontsize=7)
+        limit = f" (limit {entry['limit']:g})" if entry.get("limit") is not None else ""
+        axis.set_title(f"{name}: {entry['statistic']} {entry['value']:g}{limit}", fontsize=9,
+                       color="#d62728" if entry["drifted"] else "black")
+    for axis in axes.ravel()[len(names):]:
+        axis.axis("off")
+    axes.ravel()[0].legend(fontsize=7)
+    figure.suptitle(f"Inputs against the reference ({drift['images']} images): "
+                    f"{', '.join(drift['drifted']) or 'no drift'}", fontsize=11)
+    figure.tight_layout()
+    return _png(figure)
+
+
+def drift_history_png(history, limits: dict) -> bytes:
+    """Each quantity's statistic over the nightly runs, as a multiple of its limit (1 = the
+    limit), with the runs that drifted marked."""
+    figure, axis = plt.subplots(figsize=(9, 4))
+    x = np.arange(len(history))
+    for name, limit in limits.items():
+        if limit and name in history:
+            axis.plot(x, history[name].astype(float) / limit, marker="o", lw=1, label=name)
+    drifted = history["drifted"].fillna("").astype(str) != ""
+    for i in np.flatnonzero(drifted.to_numpy()):
+        axis.axvline(i, color="#d62728", alpha=0.25, lw=8)
+        axis.annotate(str(history["drifted"].iloc[i]).replace(";", "\n"), (i, 1.0), fontsize=7,
+                      color="#d62728", xytext=(4, 6), textcoords="offset points")
+    axis.axhline(1.0, color="black", ls="--", lw=1)
+    axis.set_xticks(x, [str(r)[:15] for r in history["run"]], rotation=30, ha="right",
+                    fontsize=7)
+    axis.set_ylabel("statistic / its limit")
+    axis.set_title("Drift over the nightly runs (shaded: a run that drifted)")
+    if axis.get_lines()[1:]:  # a line besides the limit's: there is something to name
+        axis.legend(fontsize=6, ncol=3)
+    figure.tight_layout()
+    return _png(figure)

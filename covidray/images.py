@@ -19,8 +19,9 @@ import io
 import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
-from covidray.dicom import DICOM_COLUMNS, is_dicom, read_dicom
+from covidray.dicom import DICOM_COLUMNS, dicom_pixels, is_dicom, read_dicom
 from covidray.pixels import DecodeError, check_dimensions, min_max_to_8bit
+from covidray.profile import picture_bit_depth
 
 INPUT_SIZE = 224
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -49,17 +50,33 @@ def decode_xray(data: bytes) -> Image.Image:
     return decode_with_tags(data)[0]
 
 
+def declared_pixels(data: bytes) -> int:
+    """How many pixels the file says it holds, from its header alone (0 where the header
+    cannot be read: decoding then says why)."""
+    try:
+        if is_dicom(data):
+            return dicom_pixels(data)
+        width, height = Image.open(io.BytesIO(data)).size
+        return width * height
+    except Exception:
+        return 0
+
+
 def decode_with_tags(data: bytes) -> tuple[Image.Image, dict]:
     """:func:`decode_xray`, with the DICOM tags of :data:`DICOM_COLUMNS` (empty strings for
-    other formats)."""
+    other formats), the file's ``bit_depth`` and its ``photometric`` interpretation (DICOM's,
+    else the PIL mode it was stored in)."""
     if not data:
         raise DecodeError("empty file (0 bytes)")
     if is_dicom(data):
         return read_dicom(data)
-    return _decode_picture(data), dict.fromkeys(DICOM_COLUMNS, "")
+    image, mode = _decode_picture(data)
+    return image, {**dict.fromkeys(DICOM_COLUMNS, ""), "bit_depth": picture_bit_depth(mode),
+                   "photometric": mode}
 
 
-def _decode_picture(data: bytes) -> Image.Image:
+def _decode_picture(data: bytes) -> tuple[Image.Image, str]:
+    """Picture bytes -> (8-bit ``L`` image, the mode they were stored in)."""
     try:
         image = Image.open(io.BytesIO(data))  # reads the header only
         check_dimensions(*image.size)
@@ -72,7 +89,7 @@ def _decode_picture(data: bytes) -> Image.Image:
         raise DecodeError(f"corrupt or truncated image: {exc}") from None
     except Image.DecompressionBombError as exc:
         raise DecodeError(f"image too large: {exc}") from None
-    return _to_8bit_gray(image)
+    return _to_8bit_gray(image), image.mode
 
 
 def _to_8bit_gray(image: Image.Image) -> Image.Image:

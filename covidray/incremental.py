@@ -32,6 +32,7 @@ STATE_SCHEMA = pa.schema([("uri", pa.string()), ("etag", pa.string()), ("size", 
                           ("threshold", pa.float64()), ("error", pa.string())])
 STATE_COLUMNS = STATE_SCHEMA.names  # the key, the run, then the result
 UNKNOWN_ETAG, UNKNOWN_SIZE = "", -1  # not known (yet): a manifest row without them
+_TEXT = [f.name for f in STATE_SCHEMA if f.type == pa.string() and f.name != "run"]
 
 
 def state_table(part: pd.DataFrame, run: str) -> pa.Table:
@@ -40,6 +41,8 @@ def state_table(part: pd.DataFrame, run: str) -> pa.Table:
     fill = {"score": None, "prediction": None, "threshold": None, "error": ""}
     data = {name: part[name].tolist() if name in part else [fill.get(name)] * len(part)
             for name in STATE_COLUMNS if name != "run"}
+    for name in _TEXT:  # a column of missing values only (no label anywhere) reads as float
+        data[name] = [None if v is None or v != v else str(v) for v in data[name]]
     return pa.Table.from_pydict({**data, "run": [run] * len(part)}, schema=STATE_SCHEMA)
 
 

@@ -20,6 +20,11 @@ def model_card_beside(model_uri: str) -> str:
     return join_uri(parent_uri(model_uri), "model_card.json")
 
 
+def drift_reference_beside(model_uri: str) -> str:
+    """The reference profile scoring compares its inputs with, beside the model card."""
+    return join_uri(parent_uri(model_uri), "drift_reference.json")
+
+
 def _run_folder_of(uri: str, folder: str, name: str) -> str | None:
     """``RUN`` where ``uri`` is ``<folder>/RUN/<name>``, else None."""
     location = Location.parse(uri)
@@ -81,6 +86,10 @@ class RunLayout(_Layout):
     @property
     def model_card(self) -> str:
         return model_card_beside(self.onnx)
+
+    @property
+    def drift_reference(self) -> str:
+        return drift_reference_beside(self.onnx)
 
     @property
     def protocol_config(self) -> str:
@@ -155,6 +164,24 @@ class ScoreLayout(_Layout):
     @property
     def histogram_png(self) -> str:
         return self._at("metrics", "score_histogram.png")
+
+    @property
+    def drift_json(self) -> str:
+        """This run's inputs against the model's reference profile."""
+        return self._at("metrics", "drift.json")
+
+    @property
+    def drift_png(self) -> str:
+        return self._at("metrics", "drift.png")
+
+    @property
+    def drift_history(self) -> str:
+        """Nightly runs: one row of drift figures per run (a table over the nights)."""
+        return self._at("drift", "history.csv")
+
+    @property
+    def drift_history_png(self) -> str:
+        return self._at("drift", "history.png")
 
     @property
     def success(self) -> str:

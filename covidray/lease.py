@@ -31,6 +31,7 @@ class Lease:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.lost = False
+        self.holder: dict | None = None  # who took the lease over, once lost
 
     def _body(self) -> bytes:
         now = time.time()
@@ -45,9 +46,8 @@ class Lease:
             if holder["expires_at"] > time.time():
                 raise LeaseHeld(
                     f"another run holds the lease {self.uri} ({holder['owner']}, "
-                    f"{holder['what']}) until "
-                    f"{time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(holder['expires_at']))}"
-                    "; not starting a second one. Try again after it ends")
+                    f"{holder['what']}) until {_when(holder['expires_at'])}; not starting a "
+                    "second one. Try again after it ends")
             etag = self.storage.put_if_match(self.uri, self._body(), current_etag)
             if etag is None:
                 raise LeaseHeld(f"another run took over the expired lease {self.uri} first")
@@ -57,10 +57,18 @@ class Lease:
         return self
 
     def renew(self) -> bool:
-        """Extend the lease; False (and :attr:`lost`) if another run has taken it over."""
+        """Extend the lease; False (and :attr:`lost`, :attr:`holder`) if another run has taken
+        it over. Idempotent: a renewal whose first attempt landed although its answer was
+        lost (a frozen server, a timeout, then a retry that meets the new ETag) finds its
+        own lease there and keeps it."""
         etag = self.storage.put_if_match(self.uri, self._body(), self._etag)
         if etag is None:
-            self.lost = True
+            current, current_etag = self.storage.read_with_etag(self.uri)
+            holder = json.loads(current)
+            if holder.get("owner") == self.owner:  # our own write: still ours
+                self._etag = current_etag
+                return True
+            self.lost, self.holder = True, holder
             return False
         self._etag = etag
         return True
@@ -74,14 +82,22 @@ class Lease:
                 continue
 
     def check(self) -> None:
-        """Raise if the lease was lost (taken over after this run stalled past its ttl)."""
+        """Raise if the lease was lost (taken over after this run stalled past its ttl),
+        saying who holds it now."""
         if self.lost:
-            raise LeaseHeld(f"this run lost its lease {self.uri}: not publishing")
+            holder = self.holder or {}
+            raise LeaseHeld(f"this run lost its lease {self.uri} to {holder.get('owner')} "
+                            f"({holder.get('what')}, until {_when(holder.get('expires_at'))}): "
+                            "not publishing")
 
-    def release(self) -> None:
+    def stop_renewing(self) -> None:
+        """Stop the heartbeat (the lease then lapses after its ttl unless released)."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
+
+    def release(self) -> None:
+        self.stop_renewing()
         if not self.lost and self._etag is not None:
             self.storage.delete_if_match(self.uri, self._etag)
 
@@ -90,3 +106,16 @@ class Lease:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def _when(epoch: float | None) -> str:
+    return "unknown" if epoch is None else time.strftime("%Y-%m-%d %H:%M:%S UTC",
+                                                         time.gmtime(epoch))
+
+
+def lapses_at(storage: Storage, uri: str) -> float | None:
+    """When the lease at ``uri`` lapses (epoch seconds), or None when nobody holds it."""
+    if not storage.exists(uri):
+        return None
+    return json.loads(storage.read_bytes(uri))["expires_at"]
+

@@ -19,6 +19,7 @@ import io
 import pandas as pd
 
 from covidray.archive_index import same_archive, staged_index, with_identity
+from covidray.drift import history_row
 from covidray.datasets import is_manifest
 from covidray.incremental import (STATE_COLUMNS, STATE_SCHEMA, ViewChange, frames_of,
                                   merged_state, reconcile, rows, state_frame)
@@ -203,6 +204,18 @@ class NightlyView:
                 "threshold": self.settings["threshold"], "objects": summary["objects"],
                 "runs": runs, "state": summary["state"], "last_run": summary,
                 "parts": [self.output.run_part(r) for r in runs]}
+
+    def record_drift(self, summary: dict) -> None:
+        """One row of this run's drift figures in the output's history, and its plot: a
+        step change on one night stands out."""
+        from covidray.figures import drift_history_png
+
+        history = self.output.drift_history
+        earlier = self.storage.read_table(history) if self.storage.exists(history) else None
+        frame = pd.concat([earlier, pd.DataFrame([history_row(summary)])], ignore_index=True)
+        self.storage.write_table(history, frame)
+        self.storage.write_bytes(self.output.drift_history_png, drift_history_png(
+            frame, summary["drift"]["limits"]), "image/png")
 
     def delete_old_states(self, state: str) -> int:
         """Delete the state generations before ``state`` and the one this run started from

@@ -4,6 +4,9 @@ header, and the min-max window for high-bit-depth data."""
 
 from __future__ import annotations
 
+import threading
+from contextlib import contextmanager
+
 import numpy as np
 from PIL import Image
 
@@ -11,6 +14,36 @@ from PIL import Image
 # ~4300x3500 (15 MP); decoding is refused above these, before any pixel is read.
 MAX_PIXELS = 40_000_000
 MAX_ASPECT_RATIO = 6
+
+
+# What decoding one pixel can hold at its peak, in bytes: a 4-byte RGBA (or 32-bit) pixel,
+# its composite over black and the 8-bit result, with room for numpy's integer window.
+PEAK_BYTES_PER_PIXEL = 16
+DECODE_BUDGET_BYTES = 700_000_000  # decoded bytes the threads of one task hold at once
+
+
+class DecodeBudget:
+    """The decoded pixels the loading threads of one task may hold at once: a decode
+    reserves its image's peak (``PEAK_BYTES_PER_PIXEL`` x pixels, from the header) and waits
+    while the others hold the rest. Memory is then bounded by pixels, not by how many
+    images a batch holds; an image larger than the whole budget decodes alone."""
+
+    def __init__(self, limit: int = DECODE_BUDGET_BYTES):
+        self.limit, self.held = limit, 0
+        self._changed = threading.Condition()
+
+    @contextmanager
+    def holding(self, pixels: int):
+        cost = min(self.limit, pixels * PEAK_BYTES_PER_PIXEL)
+        with self._changed:
+            self._changed.wait_for(lambda: self.held + cost <= self.limit)
+            self.held += cost
+        try:
+            yield
+        finally:
+            with self._changed:
+                self.held -= cost
+                self._changed.notify_all()
 
 
 class DecodeError(ValueError):

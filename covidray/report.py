@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from covidray import figures
+from covidray.drift import verdict
 from covidray.layout import EvalLayout
 from covidray.metrics import (PAPER_THRESHOLDS, metrics_report, percent, summarise,
                               sweep_thresholds)
@@ -152,6 +153,16 @@ def summary_blocks(result: dict) -> list:
                           "specificity", "mean score"], rows)]
     if "audit" in result:
         blocks += [("h2", "Shortcut audit"), ("p", result["audit"]["reading"])]
+    if "drift" in result:
+        drift = result["drift"]
+        rows = [[name, q["statistic"], f"{q['value']:g}",
+                 "n/a" if q.get("limit") is None else f"{q['limit']:g}",
+                 "yes" if q["drifted"] else "no"] for name, q in drift["quantities"].items()]
+        blocks += [("h2", "Inputs: test against the validation reference"),
+                   ("p", f"{verdict(drift)}. The validation split's profile is kept beside the "
+                         "model card (drift_reference.json); every scoring run compares its "
+                         "inputs with it the same way."),
+                   Table(["quantity", "statistic", "value", "limit", "drifted"], rows)]
     if result.get("saliency"):
         items = []
         for split, kinds in result["saliency"].items():

@@ -15,6 +15,7 @@ from covidray.datasets import ARCHIVE_COLUMNS, LOADED_COLUMNS
 from covidray.incremental import state_table
 from covidray.layout import EMPTY_PART, ScoreLayout
 from covidray.location import name_of
+from covidray.profile import NUMBERS
 from covidray.storage import Storage
 
 IDENTITY_COLUMNS = ["etag", "size"]  # with the uri: which version of an object was scored
@@ -24,7 +25,8 @@ CARRIED = [*ARCHIVE_COLUMNS, *IDENTITY_COLUMNS]  # what an index row carries to 
 PREDICTION_COLUMNS = [*CARRIED, *LOADED_COLUMNS, "score", "prediction", "threshold"]
 ERROR_COLUMNS = [*CARRIED, *LOADED_COLUMNS, "error"]
 RESULT_PART_ROWS = 20_000  # rows per predictions/errors part the driver writes
-_FLOAT_COLUMNS, _INT_COLUMNS = {"score", "threshold"}, {"size"}
+_FLOAT_COLUMNS, _INT_COLUMNS = {"score", "threshold", *NUMBERS}, {"size"}
+CHANGED_SHOWN = 5  # objects rewritten since their listing named in the run's summary
 
 
 def result_parts(storage: Storage, layout: ScoreLayout, run_id: str | None = None) -> list[str]:
@@ -77,16 +79,20 @@ def _read_parts(batch: pd.DataFrame, storage: Storage, columns: list[str] | None
 class PartWriter:
     """Result batches -> ``predictions/`` and ``errors/`` parts of at most RESULT_PART_ROWS,
     and the counts of what they hold (``already``: what the run holds before, e.g. parts
-    adopted from a killed run)."""
+    adopted from a killed run). Each batch is also folded into ``tally`` (a
+    :class:`covidray.drift.DriftTally`) where given, and the objects rewritten since they
+    were listed (``changed``) are counted and the first few named."""
 
     def __init__(self, storage: Storage, layout: ScoreLayout, run_id: str,
-                 already: dict | None, every: float):
+                 already: dict | None, every: float, tally=None):
         self.storage, self.layout, self.run_id = storage, layout, run_id
         self.every, self.flushed = every, time.monotonic()
         self.counts = dict(already or {"scored": 0, "failed": 0, "labelled": 0})
         self.start_total = self.counts["scored"] + self.counts["failed"]
         self.buffers = {"scored": [], "failed": []}
         self.parts = 0
+        self.tally = tally
+        self.changed, self.changed_shown = 0, []
 
     @property
     def written(self) -> int:
@@ -95,6 +101,12 @@ class PartWriter:
             len(f) for f in self.buffers["scored"] + self.buffers["failed"])
 
     def add(self, batch: pd.DataFrame) -> None:
+        if self.tally is not None:
+            self.tally.add(batch)
+        if "changed" in batch:
+            changed = batch.loc[batch["changed"].astype(bool), "uri"]
+            self.changed += len(changed)
+            self.changed_shown += changed.head(CHANGED_SHOWN - len(self.changed_shown)).tolist()
         ok = batch["error"] == ""
         self.buffers["scored"].append(batch.loc[ok, PREDICTION_COLUMNS])
         self.buffers["failed"].append(batch.loc[~ok, ERROR_COLUMNS])

@@ -23,6 +23,7 @@ from covidray.location import Location, StorageError, StorageOutage
 DEFAULT_REGION = "us-east-1"
 CONNECT_TIMEOUT_S = 3
 READ_TIMEOUT_S = 60
+MIN_READ_TIMEOUT_S = 2
 IO_ATTEMPTS = 3
 PROBE_READ_TIMEOUT_S = 5  # check(): a server that accepts but never answers fails fast
 PROBE_ATTEMPTS = 2
@@ -102,10 +103,19 @@ class S3Objects:
                                "AWS_SECRET_ACCESS_KEY on the node/pod, or AWS_PROFILE "
                                "(--aws-profile), or give it an instance/workload role")
 
+    @property
+    def read_timeout(self) -> float:
+        """Seconds a request may wait for the server's next bytes. Derived from the outage
+        bound, so that even a server that accepts connections but never answers (a frozen
+        process) fails a request's attempts within half the bound, and the bound holds."""
+        return min(READ_TIMEOUT_S, max(MIN_READ_TIMEOUT_S,
+                                       self.settings.outage_seconds / (2 * IO_ATTEMPTS)))
+
     def client(self):
         """A boto3 S3 client for object I/O (bounded timeouts and retries)."""
         if self._client is None:
-            self._client = self._shared_client(CONNECT_TIMEOUT_S, READ_TIMEOUT_S, IO_ATTEMPTS)
+            self._client = self._shared_client(min(CONNECT_TIMEOUT_S, self.read_timeout),
+                                               self.read_timeout, IO_ATTEMPTS)
         return self._client
 
     def probe_client(self):
@@ -147,7 +157,7 @@ class S3Objects:
 
         self.require_credentials()
         kwargs = dict(region=self.region, connect_timeout=CONNECT_TIMEOUT_S,
-                      request_timeout=READ_TIMEOUT_S)
+                      request_timeout=self.read_timeout)
         if self.settings.endpoint_url:
             endpoint = urlparse(self.settings.endpoint_url)
             kwargs.update(endpoint_override=endpoint.netloc or endpoint.path,
@@ -157,8 +167,10 @@ class S3Objects:
     # --- the one retry rule -------------------------------------------------------------
     def riding_out_outages(self, action, what: str):
         """``action()``, retried with exponential backoff while it fails transiently, for up
-        to ``settings.outage_seconds``; then :class:`StorageOutage`."""
-        deadline, delay = None, RETRY_FIRST_DELAY_S
+        to ``settings.outage_seconds`` from the start of the call (a frozen server's timeouts
+        count); then :class:`StorageOutage`."""
+        started, delay = time.monotonic(), RETRY_FIRST_DELAY_S
+        deadline = started + self.settings.outage_seconds
         while True:
             try:
                 return action()
@@ -166,7 +178,6 @@ class S3Objects:
                 if not is_transient(exc):
                     raise
                 now = time.monotonic()
-                deadline = deadline or now + self.settings.outage_seconds
                 if now >= deadline:
                     endpoint = self.settings.endpoint_url or "AWS S3"
                     raise StorageOutage(

@@ -10,6 +10,7 @@ import time
 import numpy as np
 import pandas as pd
 
+import pytest
 import s3_server
 from covidray.layout import RunLayout, ScoreLayout
 from covidray.stages.score import ScoreConfig, score_archive
@@ -242,3 +243,59 @@ def test_a_manifest_read_rides_out_a_restart_of_the_server_mid_read(storage, pre
     assert [len(f) for f in frames] == [64, 64, 64, 64, 44]
     assert pd.concat(frames)["uri"].tolist() == storage.read_table(manifest)["uri"].tolist()
 
+
+
+def frozen(s3_service, seconds: float):
+    """SIGSTOP the real weed server (its whole process group) for ``seconds``, in a thread:
+    it accepts connections (the kernel queues them) and answers nothing, then resumes."""
+    import os
+    import signal
+
+    with open(os.path.join(s3_service["directory"], "weed.pid")) as fh:
+        group = os.getpgid(int(fh.read().split()[0]))
+
+    def run():
+        os.killpg(group, signal.SIGSTOP)
+        try:
+            time.sleep(seconds)
+        finally:
+            os.killpg(group, signal.SIGCONT)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_a_frozen_server_does_not_fake_a_lost_lease(storage, prefix, s3_service):
+    """The renewal's first PUT lands while its answer is lost to the freeze; the retry meets
+    the new ETag (412). That is this run's own lease: it is kept, not lost."""
+    import json
+
+    from covidray.lease import Lease
+
+    bounded = Storage(StorageSettings(endpoint_url=storage.settings.endpoint_url,
+                                      outage_seconds=12))  # 2 s read timeouts
+    lease = Lease(bounded, f"{prefix}/_LEASE.json", ttl=3, what="frozen").acquire()
+    freeze = frozen(s3_service, 5)  # a renewal (every 1 s) is under way when it freezes
+    freeze.join(timeout=30)
+    time.sleep(4)  # renewals go on after the thaw
+    assert not lease.lost
+    lease.check()
+    assert json.loads(storage.read_bytes(f"{prefix}/_LEASE.json"))["owner"] == lease.owner
+    lease.release()
+    assert not storage.exists(f"{prefix}/_LEASE.json")
+
+
+def test_a_frozen_server_fails_a_request_within_about_its_bound(storage, prefix, s3_service):
+    bounded = Storage(StorageSettings(endpoint_url=storage.settings.endpoint_url,
+                                      outage_seconds=6))
+    uri = bounded.write_bytes(f"{prefix}/x.json", b"{}")
+    freeze = frozen(s3_service, 20)
+    started = time.monotonic()
+    try:
+        with pytest.raises(StorageOutage, match="kept failing for 6 s"):
+            bounded.read_bytes(uri)
+        took = time.monotonic() - started
+    finally:
+        freeze.join(timeout=40)
+    assert took < 6 * 1.5, took  # boto3's 60 s read timeout x 3 attempts came first before

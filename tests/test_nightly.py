@@ -17,7 +17,7 @@ from covidray.fault_points import armed
 from covidray.incremental import STATE_COLUMNS, STATE_SCHEMA, ViewChange, merged_state, reconcile
 from covidray.metrics import predicted_labels
 from covidray.layout import RunLayout, ScoreLayout
-from covidray.lease import Lease, LeaseHeld
+from covidray.lease import Lease, LeaseHeld, lapses_at
 from covidray.stages.score import ScoreConfig, score_archive
 from covidray.synthetic import encode, synthetic_xray
 
@@ -126,6 +126,14 @@ def test_a_second_nightly_run_scores_only_what_is_new_or_changed(storage, traine
     assert set(scored["prediction"]) <= {"covid", "non_covid"}
 
 
+def wait_until_it_lapses(storage, lease_uri: str, timeout: float = 60) -> None:
+    """Poll the lease until the time it says it lapses has passed."""
+    deadline = time.monotonic() + timeout
+    while (until := lapses_at(storage, lease_uri)) is not None and time.time() <= until:
+        assert time.monotonic() < deadline, "the lease never lapsed"
+        time.sleep(max(0.05, min(0.5, until - time.time())))
+
+
 def test_a_killed_run_is_resumed_without_rescoring_or_duplicates(storage, trained_run, prefix,
                                                                  ray_local, s3_env):
     archive, output = f"{prefix}/archive", f"{prefix}/nightly"
@@ -152,7 +160,7 @@ def test_a_killed_run_is_resumed_without_rescoring_or_duplicates(storage, traine
 
     with pytest.raises(LeaseHeld, match="another run holds the lease"):
         score_archive(ScoreConfig(archive, model, output, incremental=True), storage)
-    time.sleep(7)  # the killed run's lease lapses
+    wait_until_it_lapses(storage, layout.lease)  # the killed run's lease
     resumed = score_archive(ScoreConfig(archive, model, output, incremental=True), storage)
     assert resumed["adopted"] > 0 and resumed["new"] < 240
     assert resumed["new"] + resumed["adopted"] == 240 == resumed["scored"] + resumed["failed"]
@@ -177,13 +185,13 @@ def test_an_expired_lease_is_taken_over_and_its_old_holder_notices(storage, pref
     lease_uri = ScoreLayout(f"{prefix}/out").lease
     stalled = Lease(storage, lease_uri, ttl=2, what="stalled")
     stalled.acquire()
-    stalled._stop.set()  # its heartbeat stops, as if the process hung
-    time.sleep(2.5)
+    stalled.stop_renewing()  # its heartbeat stops, as if the process hung
+    wait_until_it_lapses(storage, lease_uri)
     fresh = Lease(storage, lease_uri, ttl=30, what="fresh").acquire()
     assert json.loads(storage.read_bytes(lease_uri))["what"] == "fresh"
     assert not stalled.renew()  # the stalled run wakes up and finds the lease gone ...
-    with pytest.raises(LeaseHeld, match="lost its lease"):
-        stalled.check()  # ... so it publishes nothing
+    with pytest.raises(LeaseHeld, match=r"lost its lease .* to .*\(fresh, until"):
+        stalled.check()  # ... so it publishes nothing, and says who holds it
     stalled.release()
     assert json.loads(storage.read_bytes(lease_uri))["what"] == "fresh"  # not released by it
     fresh.release()
@@ -215,23 +223,29 @@ def test_a_run_that_died_between_its_marker_and_the_cumulative_view_is_adopted(
                   if p.endswith("config.json")) == ["config.json"] * 2  # the dead part is gone
 
 
-def test_the_view_follows_the_listing_and_the_threshold_and_refuses_to_lose_most_of_it(
-        storage, trained_run, prefix, ray_local):
-    """An object deleted from the archive leaves the view; a new threshold re-applies to every
-    row (no rescoring); a listing that would drop most of the view, or another archive,
-    fails and leaves the view as it was."""
+def nightly_archive(storage, trained_run, prefix):
+    """Six images and a broken file under a prefix, and a nightly run over it into an output
+    of its own; returns (archive, output, run), ``run(**options)`` one night."""
     archive, output = f"{prefix}/archive", f"{prefix}/nightly"
     model = RunLayout(trained_run["run"]).onnx
     add_images(storage, archive, [f"img-{i}.png" for i in range(6)])
     storage.write_bytes(f"{archive}/covid/broken.png", b"not a png")
 
-    def nightly(**options):
+    def night(**options):
         return score_archive(ScoreConfig(archive, model, output, incremental=True, **options),
                              storage)
 
-    first = nightly(threshold=0.5)
+    return archive, output, night
+
+
+def test_the_view_follows_the_listing_and_a_new_threshold_without_rescoring(
+        storage, trained_run, prefix, ray_local):
+    """An object deleted from the archive leaves the view; a new threshold re-applies to
+    every row (no rescoring), on a night with nothing new to score."""
+    archive, output, night = nightly_archive(storage, trained_run, prefix)
+    first = night(threshold=0.5)
     storage.delete(f"{archive}/non_covid/img-0.png")
-    second = nightly(threshold=0.3)  # nothing to score, yet the view changes
+    second = night(threshold=0.3)  # nothing to score, yet the view changes
     assert (second["new"], second["scored"], second["removed"], second["rethresholded"]) == \
         (0, 0, 1, 5)
     current = storage.read_json(ScoreLayout(output).current)
@@ -246,24 +260,44 @@ def test_the_view_follows_the_listing_and_the_threshold_and_refuses_to_lose_most
     assert (scored["run"] == first["run"]).all()  # re-thresholded, not rescored
     assert len(in_parts(storage, output)) == 6  # the first run's six; the second's is empty
 
-    for i in range(1, 5):  # 4 of the view's 6 objects gone: more than --max-removed 0.5
+
+def test_a_listing_that_would_drop_most_of_the_view_fails_and_leaves_it(
+        storage, trained_run, prefix, ray_local):
+    archive, output, night = nightly_archive(storage, trained_run, prefix)
+    night(threshold=0.3)
+    current = storage.read_json(ScoreLayout(output).current)
+    for i in range(1, 5):  # 4 of the view's 7 objects gone: more than --max-removed 0.5
         storage.delete(f"{archive}/{'covid' if i % 2 else 'non_covid'}/img-{i}.png")
-    with pytest.raises(ValueError, match="4 of the 6 objects in the cumulative view are no "
+    with pytest.raises(ValueError, match="4 of the 7 objects in the cumulative view are no "
                                          "longer listed"):
-        nightly(threshold=0.3)
+        night(threshold=0.3)
     assert storage.read_json(ScoreLayout(output).current) == current  # the view as it was
-    parts = sorted(storage.list_files(ScoreLayout(output).runs))
-    with pytest.raises(ValueError, match="holds the nightly view of the archive"):
-        score_archive(ScoreConfig(f"{prefix}/other", model, output, incremental=True), storage)
-    assert sorted(storage.list_files(ScoreLayout(output).runs)) == parts  # nothing written
-    with pytest.raises(ValueError, match="a share of the cumulative view"):
-        nightly(max_removed=50)  # a count, not a share: refused before any work
-    fourth = nightly(threshold=0.3, max_removed=1.0)
+    with pytest.raises(ValueError, match="--max-removed 50: must be from 0 to 1"):
+        night(max_removed=50)  # a count, not a share: refused before any work
+    fourth = night(threshold=0.3, max_removed=1.0)  # the archive really shrank
     assert (fourth["removed"], fourth["new"]) == (4, 0)
     assert sorted(u.rsplit("/", 1)[-1] for u in cumulative(storage, output)["uri"]) == \
-        ["broken.png", "img-5.png"]
-    fifth = nightly(threshold=0.3, views="all")  # what --views skipped may now be scored
-    assert (fifth["new"], fifth["scored"], fifth["failed"]) == (2, 1, 1)
+        ["broken.png", "img-0.png", "img-5.png"]
+
+
+def test_a_run_of_another_archive_into_the_view_writes_nothing(storage, trained_run, prefix,
+                                                                 ray_local):
+    _, output, night = nightly_archive(storage, trained_run, prefix)
+    night()
+    parts = sorted(storage.list_files(ScoreLayout(output).runs))
+    with pytest.raises(ValueError, match="holds the nightly view of the archive"):
+        score_archive(ScoreConfig(f"{prefix}/other", RunLayout(trained_run["run"]).onnx, output,
+                                  incremental=True), storage)
+    assert sorted(storage.list_files(ScoreLayout(output).runs)) == parts  # nothing written
+
+
+def test_a_new_views_policy_scores_what_the_old_one_skipped(storage, trained_run, prefix,
+                                                             ray_local):
+    _, output, night = nightly_archive(storage, trained_run, prefix)
+    first = night()
+    again = night(views="all")  # the policy changed: everything is scored again
+    assert (again["new"], again["scored"] + again["failed"]) == (7, 7)
+    assert (first["scored"], first["failed"]) == (again["scored"], again["failed"])
     assert storage.read_json(ScoreLayout(output).current)["views"] == "all"
 
 

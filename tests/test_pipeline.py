@@ -450,6 +450,7 @@ def test_an_output_inside_the_archive_prefix_is_refused_before_anything_is_writt
     ({"uri": ["/etc/passwd"]}, "local path"),
     ({"uri": [""], "label": ["covid"]}, "empty 'uri'"),
     ({"uri": ["a.png"], "label": ["pneumonia"]}, "labels outside"),
+    ({"uri": ["a.png", "b.png", "a.png"]}, r"names '.*/a.png' twice \(rows 1 and 3"),
 ])
 def test_a_bad_manifest_is_refused_before_any_cluster_work(storage, trained_run, prefix, rows,
                                                            reason):
@@ -501,7 +502,7 @@ def test_an_archive_changed_while_the_run_is_under_way_is_scored_as_listed(
     assert len(storage.read_table(manifest)) == 7  # it did change under the run
 
 
-def _png_stream(width: int, height: int, bit_depth: int, row: bytes) -> bytes:
+def _png_stream(width: int, height: int, bit_depth: int, row: bytes, colour: int = 0) -> bytes:
     """A PNG whose every row is ``row``, compressed row by row: a small file that claims a
     large image, without ever holding that image here."""
     import struct
@@ -515,7 +516,7 @@ def _png_stream(width: int, height: int, bit_depth: int, row: bytes) -> bytes:
     for _ in range(height):
         body.append(compressor.compress(b"\0" + row))
     body.append(compressor.flush())
-    header = struct.pack(">IIBBBBB", width, height, bit_depth, 0, 0, 0, 0)  # grayscale
+    header = struct.pack(">IIBBBBB", width, height, bit_depth, colour, 0, 0, 0)  # 0 gray, 6 RGBA
     return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", b"".join(body))
             + chunk(b"IEND", b""))
 
@@ -542,13 +543,26 @@ def _worker_peak_rss(stop, peaks: dict) -> None:
 WORKER_MEMORY_CEILING = 1_500_000_000  # bytes per Ray worker, whatever the archive holds
 
 
+def scored_with_worker_peaks(storage, config: ScoreConfig) -> tuple[dict, dict]:
+    """``score_archive(config)`` while each Ray worker's peak RSS is sampled: (summary,
+    {pid: peak bytes})."""
+    import threading
+
+    peaks, stop = {}, threading.Event()
+    sampler = threading.Thread(target=_worker_peak_rss, args=(stop, peaks), daemon=True)
+    sampler.start()
+    try:
+        return score_archive(config, storage), peaks
+    finally:
+        stop.set()
+        sampler.join()
+
+
 def test_large_and_hostile_images_score_under_a_memory_ceiling(storage, trained_run, prefix,
                                                                ray_local):
     """A 16 MP 16-bit hospital export and a 36 MP 8-bit image are scored; files whose headers
     claim 144 MP or a 1x60000 strip are refused from the header. No Ray worker's memory goes
     above the stated ceiling (before the limits, the strip alone took 3.4 GB)."""
-    import threading
-
     gradient16 = (np.linspace(0, 4095, 4000).astype(">u2")).tobytes()
     archive = f"{prefix}/archive"
     files = {"export-16bit-4000x4000.png": _png_stream(4000, 4000, 16, gradient16),
@@ -559,20 +573,31 @@ def test_large_and_hostile_images_score_under_a_memory_ceiling(storage, trained_
     for name, data in files.items():
         assert len(data) < 2_000_000, (name, len(data))  # small files, large claims
         storage.write_bytes(f"{archive}/{name}", data)
-    peaks, stop = {}, threading.Event()
-    sampler = threading.Thread(target=_worker_peak_rss, args=(stop, peaks), daemon=True)
-    sampler.start()
-    try:
-        summary = score_archive(ScoreConfig(archive, RunLayout(trained_run["run"]).onnx,
-                                            f"{prefix}/out", threshold=0.5, batch_size=4),
-                                storage)
-    finally:
-        stop.set()
-        sampler.join()
+    summary, peaks = scored_with_worker_peaks(storage, ScoreConfig(
+        archive, RunLayout(trained_run["run"]).onnx, f"{prefix}/out", threshold=0.5,
+        batch_size=4))
     assert (summary["listed"], summary["scored"], summary["failed"]) == (4, 2, 2)
     errors = storage.read_parquet_dir(ScoreLayout(f"{prefix}/out").errors).set_index("uri")
     assert "image too large: 12000x12000" in errors.loc[f"{archive}/claims-144mp-16bit.png", "error"]
     assert "aspect ratio" in errors.loc[f"{archive}/strip-1x60000.png", "error"]
+    assert peaks and max(peaks.values()) < WORKER_MEMORY_CEILING, sorted(peaks.values())[-3:]
+
+
+def test_decoding_memory_is_bounded_by_pixels_not_by_images_in_a_batch(storage, trained_run,
+                                                                       prefix, ray_local):
+    """Eight 40 MP RGBA PNGs in one batch (small files: under the size limit, each decoded
+    image about 160 MB, its composite over black as much again): the loading threads take
+    turns by the pixels they hold, and the decode worker stays under the ceiling (8 at once
+    took 4.1 GB)."""
+    row = bytes([60, 90, 120, 255] * 6300)
+    data = _png_stream(6300, 6300, 8, row, colour=6)
+    archive = f"{prefix}/archive"
+    for i in range(8):
+        storage.write_bytes(f"{archive}/rgba-{i}.png", data)
+    summary, peaks = scored_with_worker_peaks(storage, ScoreConfig(
+        archive, RunLayout(trained_run["run"]).onnx, f"{prefix}/out", threshold=0.5,
+        batch_size=8))
+    assert (summary["scored"], summary["failed"]) == (8, 0)
     assert peaks and max(peaks.values()) < WORKER_MEMORY_CEILING, sorted(peaks.values())[-3:]
 
 
@@ -598,3 +623,44 @@ def test_export_int8_keeps_the_metadata_and_scores_like_the_float_model(storage,
             .set_index("uri")["score"].sort_index()
     assert len(scores["int8"]) == 32
     assert (scores["int8"] - scores["fp32"]).abs().max() < 0.1
+
+
+def test_manifest_keys_are_taken_verbatim_a_leading_space_included(storage, trained_run, prefix,
+                                                                    ray_local):
+    """' lead.png' and 'lead.png' are two S3 keys: each is scored as itself, once."""
+    rng = np.random.default_rng(21)
+    spaced = storage.write_bytes(f"{prefix}/ lead.png", encode(synthetic_xray(True, rng), "png"))
+    plain = storage.write_bytes(f"{prefix}/lead.png", encode(synthetic_xray(False, rng), "png"))
+    manifest = storage.write_table(f"{prefix}/manifest.csv",
+                                   pd.DataFrame({"file": [" lead.png", "lead.png"]}))
+    summary = score_archive(ScoreConfig(manifest, RunLayout(trained_run["run"]).onnx,
+                                        f"{prefix}/out"), storage)
+    assert (summary["listed"], summary["scored"]) == (2, 2)
+    predictions = storage.read_parquet_dir(ScoreLayout(f"{prefix}/out").predictions)
+    assert sorted(predictions["uri"]) == sorted([spaced, plain])
+    assert predictions.set_index("uri")["etag"].to_dict() == {
+        uri: storage.identity(uri)[0] for uri in (spaced, plain)}
+
+
+def test_an_object_rewritten_during_the_run_is_recorded_with_the_etag_of_the_bytes_scored(
+        storage, trained_run, prefix, ray_local):
+    rng = np.random.default_rng(22)
+    archive = f"{prefix}/archive"
+    for i in range(6):
+        storage.write_bytes(f"{archive}/img-{i}.png", encode(synthetic_xray(i % 2 == 0, rng), "png"))
+    rewritten = [f"{archive}/img-1.png", f"{archive}/img-4.png"]
+
+    def rewrite(archive):  # after the listing, before any image is read
+        for uri in rewritten:
+            storage.write_bytes(uri, encode(synthetic_xray(True, rng, size=(200, 240)), "png"))
+
+    with armed("scoring.snapshot_taken", rewrite):
+        summary = score_archive(ScoreConfig(archive, RunLayout(trained_run["run"]).onnx,
+                                            f"{prefix}/out"), storage)
+    assert summary["changed_since_listing"] == 2
+    assert sorted(summary["changed_examples"]) == sorted(rewritten)
+    predictions = storage.read_parquet_dir(ScoreLayout(f"{prefix}/out").predictions)
+    for uri, etag, size in predictions[["uri", "etag", "size"]].itertuples(index=False):
+        assert (etag, size) == storage.identity(uri), uri  # what was read, not what was listed
+    assert set(predictions.loc[predictions["width"] == 200, "uri"]) == set(rewritten)
+

@@ -219,7 +219,7 @@ def test_the_code_layout_table_matches_the_files():
 SINGLE_DEFINITIONS = {
     "target sensitivity": r"option\(0\.95",
     "bootstrap replicates": r"option\(1000",
-    "validation/test fractions": r"option\(0\.15",
+    "validation/test fractions": r"_fraction: float = option\(0\.15",
     "training threshold": r"\bthreshold: float = option\(0\.5",
     "default seed": r"DEFAULT_SEED = ",
     "scoring batch": r"inference_batch=128 if use_gpu else 32",

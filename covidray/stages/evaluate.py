@@ -15,6 +15,7 @@ import pandas as pd
 from covidray import audit, figures
 from covidray.config import DEFAULT_SEED, option, to_dict, validate
 from covidray.datasets import pixels_of, split_rows
+from covidray.drift import DriftTally, compare, make_reference
 from covidray.evaluation import evaluate_split, labelled, with_columns
 from covidray.layout import EvalLayout, RunLayout, ScoreLayout
 from covidray.model import load_checkpoint, model_from_checkpoint
@@ -61,7 +62,7 @@ def evaluate_run(config: EvaluateConfig, storage: Storage, ray_address: str | No
     storage.write_json(layout.config, to_dict(config))
     splits = storage.read_table(run.splits)
     metadata = storage.read_json(run.export_report)["metadata"]
-    tables, digests = {}, set()
+    tables, scored, digests = {}, {}, set()
     for split in EVALUATED_SPLITS:
         manifest = storage.write_table(layout.manifest(split), split_rows(splits, split))
         scores = layout.scores(split)
@@ -71,6 +72,7 @@ def evaluate_run(config: EvaluateConfig, storage: Storage, ray_address: str | No
                                               threshold=float(metadata["threshold"])),
                                   storage, ray_address)["model_digest"])
         predictions = storage.read_parquet_dir(ScoreLayout(scores).predictions)
+        scored[split] = (predictions, storage.read_parquet_dir(ScoreLayout(scores).errors))
         tables[split] = labelled(with_columns(predictions, splits, config.breakdown_columns))
     test = tables["test"]
     columns = [c for c in config.breakdown_columns
@@ -79,6 +81,10 @@ def evaluate_run(config: EvaluateConfig, storage: Storage, ray_address: str | No
                             config.bootstrap)
     result.update(run=config.run, weights=metadata["weights"], eval_dir=layout.root,
                   config=to_dict(config))
+    digest = next(iter(digests))
+    reference = make_reference(*scored["val"], result["operating_point"]["threshold"], digest,
+                               f"{layout.scores('val')} (validation split of {config.run})")
+    result["drift"] = split_against_reference(reference, *scored["test"])
     pngs = {"forest.png": figures.forest_png(result["breakdown"],
                                              result["operating_point"]["threshold"])}
     if config.saliency or config.audit:
@@ -86,9 +92,21 @@ def evaluate_run(config: EvaluateConfig, storage: Storage, ray_address: str | No
     write_report(storage, layout, result, test, pngs)
     if len(digests) != 1:
         raise RuntimeError(f"{run.onnx} changed while it was evaluated: no model card written")
+    storage.write_json(run.drift_reference, reference)
     storage.write_json(run.model_card, build_model_card(run.onnx, digests.pop(), metadata, splits,
                                                         result))
-    return {**headline(result, layout), "model_card": run.model_card}
+    return {**headline(result, layout), "model_card": run.model_card,
+            "drift_reference": run.drift_reference}
+
+
+def split_against_reference(reference: dict, predictions: pd.DataFrame, errors: pd.DataFrame
+                           ) -> dict:
+    """The test split's inputs judged against the validation reference, with scoring's own
+    default limits: how far apart two held-out splits of one collection already are."""
+    limits = ScoreConfig()
+    tally = DriftTally(reference, reference["threshold"])
+    tally.add(pd.concat([predictions.assign(error=""), errors], ignore_index=True))
+    return compare(tally, limits.drift_psi, limits.drift_share, limits.drift_min_images)
 
 
 def inspect_model(config: EvaluateConfig, storage: Storage, run: RunLayout, tables: dict,

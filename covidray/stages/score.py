@@ -28,15 +28,16 @@ from covidray import fault_points
 from covidray.archive_index import snapshot_index
 from covidray.config import option, to_dict, validate
 from covidray.datasets import LOADED_COLUMNS, is_manifest, load_pixels
+from covidray.drift import DriftDetected, DriftTally, compare, verdict
 from covidray.images import INPUT_SIZE
-from covidray.layout import ScoreLayout, model_card_beside
+from covidray.layout import ScoreLayout
 from covidray.lease import Lease
-from covidray.location import Location, StorageError
+from covidray.location import Location
 from covidray.metrics_files import publish_metrics
-from covidray.model_card import model_digest, scoring_threshold
 from covidray.nightly import NightlyView, read_current
 from covidray.onnx_model import GPU_POLICIES, OnnxScorer, score_on_gpu
 from covidray.result_parts import CARRIED, PartWriter, write_empty_parts
+from covidray.scoring_model import ModelToScore, model_to_score
 from covidray.storage import Storage
 from covidray.views import VIEW_POLICIES
 
@@ -77,6 +78,16 @@ class ScoreConfig:
                                      "listed; more fails the run, leaving the view as it was "
                                      "(a truncated manifest would otherwise empty it)",
                                 bounds=(0, 1))
+    fail_on_drift: bool = option(False, "exit with status 3 after publishing when the inputs "
+                                        "drifted from the model's reference profile (the "
+                                        "quantities are named)")
+    drift_psi: float = option(0.25, "drift: a number's (or the score's) population stability "
+                                    "index at which it counts as drifted", bounds=(0, None))
+    drift_share: float = option(0.15, "drift: the change of one category's share (view, "
+                                      "photometric, manufacturer, error reason) at which it "
+                                      "counts as drifted", bounds=(0, 1))
+    drift_min_images: int = option(30, "drift: fewer scored images than this are not judged",
+                                   bounds=(1, None))
     progress_seconds: float = option(30.0, "seconds between progress lines (each also writes "
                                            "the results so far: what a resumed run keeps)",
                                      bounds=(0.1, None))
@@ -88,22 +99,6 @@ class ScoreConfig:
             raise ValueError(f"--output {self.output} is inside --archive {self.archive}: the "
                              "next run would list this run's results (its figures are PNGs) "
                              "as X-rays. Put the output outside the archive")
-
-
-@dataclass(frozen=True)
-class ModelToScore:
-    """The model a run scores with: the ONNX file's bytes (read once by the driver; Ray hands
-    them to every actor), where it came from, which model it is, and the threshold it is
-    applied at (and where that came from)."""
-
-    uri: str
-    data: bytes
-    threshold: float
-    threshold_source: str
-
-    @property
-    def digest(self) -> str:
-        return model_digest(self.data)
 
 
 # --- the scoring pipeline ----------------------------------------------------------------
@@ -150,7 +145,7 @@ def score_archive(config: ScoreConfig, storage: Storage, ray_address: str | None
     started = time.time()
     storage.check(config.archive)
     storage.check(config.output, writable=True)
-    model = model_to_score(config, storage)
+    model = model_to_score(storage, config.model, config.threshold)
     print(f"threshold {model.threshold:.4g} from {model.threshold_source}", flush=True)
     # Join the cluster before any Ray Data call: Ray Data would otherwise start Ray itself
     # with address "auto", which finds whatever cluster this machine last ran (dead or not).
@@ -172,22 +167,11 @@ def score_archive(config: ScoreConfig, storage: Storage, ray_address: str | None
             return summary
         lease.check()
         run.publish(summary)
+    drifted = summary["drift"]["drifted"]
+    if config.fail_on_drift and drifted:
+        raise DriftDetected(f"the inputs drifted ({summary['drift']['verdict']}); the results "
+                            f"are published under {config.output}")
     return summary
-
-
-def model_to_score(config: ScoreConfig, storage: Storage) -> ModelToScore:
-    """The model and its threshold (``--threshold``, else its card's, else its training
-    default); a bad model or a card of another model fails here, before any work."""
-    if not storage.exists(config.model):
-        raise StorageError(f"model '{config.model}' not found: run `covidray export` first or "
-                           "fix --model")
-    data = storage.read_bytes(config.model)
-    metadata = OnnxScorer(data, config.model).metadata  # loaded once: a bad model fails now
-    card_uri = model_card_beside(config.model)
-    card = storage.read_json(card_uri) if storage.exists(card_uri) else None
-    threshold, source = scoring_threshold(config.threshold, card, metadata, model_digest(data),
-                                          card_uri)
-    return ModelToScore(config.model, data, threshold, source)
 
 
 def scoring_plan(config: ScoreConfig, ray):
@@ -223,6 +207,8 @@ class ScoringRun:
                        else self.output)
         self.work = (self.layout if config.incremental else self.output.staged_result(run_id))
         self.staging = self.output.staging_run(run_id)
+        self.tally = (DriftTally(model.reference, model.threshold) if model.reference
+                      else None)
         # A nightly run's work on the cumulative view, from the view it starts from (a view
         # of another archive is refused here, before anything is written).
         self.view = NightlyView(storage, self.output, self.layout, run_id, read_current(
@@ -308,6 +294,7 @@ class ScoringRun:
             fault_points.reached("scoring.part_committed", summary=summary)
             self.storage.write_json(self.output.current, self.view.current_json(summary))
             self.view.delete_old_states(summary["state"])
+            self.view.record_drift(summary)
             return
         self.storage.write_json(self.output.ready_marker(self.run_id), summary)
         self.replace_published(self.work, summary)
@@ -326,6 +313,26 @@ class ScoringRun:
         self.storage.write_json(old.success, summary)
 
     # --- pieces -------------------------------------------------------------------------
+    def judge_drift(self) -> dict:
+        """This run's inputs against the model's reference profile: ``drift.json`` and
+        ``drift.png`` beside the metrics; returns the summary's part (drifted, verdict)."""
+        if self.tally is None:
+            drift = {"drifted": [], "judged": False, "why": self.model.no_reference}
+        else:
+            config = self.config
+            drift = compare(self.tally, config.drift_psi, config.drift_share,
+                            config.drift_min_images)
+            from covidray.figures import drift_png
+
+            self.storage.write_json(self.work.drift_json, drift)
+            self.storage.write_bytes(self.work.drift_png, drift_png(drift), "image/png")
+        line = verdict(drift)
+        print(line, flush=True)
+        return {"drifted": drift["drifted"], "judged": drift["judged"], "verdict": line,
+                "values": {n: q["value"] for n, q in drift.get("quantities", {}).items()},
+                "limits": {n: q.get("limit") for n, q in drift.get("quantities", {}).items()},
+                **({"drift_json": self.layout.drift_json} if self.tally else {})}
+
     def write_config(self) -> None:
         # The record first: a part whose config is there says which model made it.
         self.storage.write_json(self.work.run_record, self.run_record)
@@ -351,7 +358,8 @@ class ScoringRun:
                                                        "threshold": self.model.threshold,
                                                        "threads": plan.inference_threads,
                                                        "gpu": plan.inference_gpus > 0,
-                                                       "keep": (*CARRIED, *LOADED_COLUMNS)},
+                                                       "keep": (*CARRIED, *LOADED_COLUMNS,
+                                                                "changed")},
                                 batch_format="numpy", batch_size=plan.inference_batch,
                                 # Not the decode tasks' reservation: Ray Data would fuse
                                 # them into the actor, and decoding would wait on inference.
@@ -361,14 +369,18 @@ class ScoringRun:
                                     min_size=self.config.actors or 1,
                                     max_size=self.config.actors or plan.scoring_actors)))
         writer = PartWriter(self.storage, self.work, self.run_id, already,
-                            self.config.progress_seconds)
+                            self.config.progress_seconds, self.tally)
         progress = Progress(expected, self.config.progress_seconds)
         for batch in results.iter_batches(batch_size=None, batch_format="pandas"):
             writer.add(batch)
             progress.update(writer.written)
         writer.flush()
         progress.done(writer.written)
-        return writer.counts
+        if writer.changed:
+            print(f"{writer.changed} objects were rewritten after they were listed: scored "
+                  f"as read, e.g. {', '.join(writer.changed_shown)}", flush=True)
+        return {**writer.counts, "changed_since_listing": writer.changed,
+                "changed_examples": writer.changed_shown}
 
     def finish(self, expected: int, counts: dict, listed: int, **extra) -> dict:
         """Reconcile, write the metrics beside this run's results, and return the summary (not
@@ -384,7 +396,10 @@ class ScoringRun:
                    "run": self.run_id, "listed": listed, **extra,
                    "scored": counts["scored"], "failed": counts["failed"],
                    "threshold": self.model.threshold, "predictions": self.layout.predictions,
-                   "errors": self.layout.errors, "reconciled": True}
+                   "errors": self.layout.errors, "reconciled": True,
+                   "changed_since_listing": counts.get("changed_since_listing", 0),
+                   "changed_examples": counts.get("changed_examples", []),
+                   "drift": self.judge_drift()}
         if counts["labelled"]:
             summary["metrics"] = {**publish_metrics(self.storage, self.work, self.model.threshold,
                                                     counts["scored"]),
