@@ -25,6 +25,10 @@ def test_training_with_use_gpu_trains_on_the_gpu(storage, ray_local, prefix):
     summary = fit(TrainConfig(data=manifest, run=f"{prefix}/run", epochs=1, batch_size=4,
                               weights="none", use_gpu=True, covid_target=8), storage)
     assert summary["epochs"] == 1 and summary["final"]["train_images"] > 0
+    from covidray.layout import RunLayout
+
+    placement = storage.read_json(RunLayout(f"{prefix}/run").placement)
+    assert [p["device"].split(":")[0] for p in placement] == ["cuda"]  # not the CPU
 
 
 def test_scoring_sessions_run_on_cuda_where_onnxruntime_gpu_is_installed(trained_run, storage):

@@ -222,7 +222,6 @@ SINGLE_DEFINITIONS = {
     "validation/test fractions": r"_fraction: float = option\(0\.15",
     "training threshold": r"\bthreshold: float = option\(0\.5",
     "default seed": r"DEFAULT_SEED = ",
-    "scoring batch": r"inference_batch=128 if use_gpu else 32",
 }
 
 
@@ -251,3 +250,17 @@ def test_no_library_function_carries_a_stage_default():
                     default = defaults.get(name)
                     if isinstance(default, ast.Constant) and default.value is not None:
                         pytest.fail(f"{path}:{node.lineno} {node.name}({name}={default.value})")
+
+
+def test_the_scoring_batch_the_help_states_is_the_one_the_plan_uses():
+    """``--batch-size``'s help restates the plan's default batches: they must agree."""
+    import dataclasses as dc
+
+    from covidray.cluster import plan_resources
+    from covidray.stages.score import ScoreConfig
+
+    help_text = {f.name: f.metadata["help"] for f in dc.fields(ScoreConfig)}["batch_size"]
+    cpu, gpu = (plan_resources({"CPU": 16, "GPU": 1}, use_gpu=g).inference_batch
+                for g in (False, True))
+    assert f"{cpu} on CPUs" in help_text and f"{gpu} on a GPU" in help_text
+

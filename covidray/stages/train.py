@@ -141,7 +141,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     criterion = nn.CrossEntropyLoss()
     context = ray.train.get_context()
     rank = context.get_world_rank()
-    placement = worker_placement(rank, context.get_world_size())
+    placement = worker_placement(rank, context.get_world_size(), device)
     if rank == 0:
         storage.write_json(RunLayout(config.run).placement, placement)
 
@@ -188,12 +188,13 @@ def train_loop_per_worker(loop_config: dict) -> None:
             ray.train.report(metrics, checkpoint=checkpoint)
 
 
-def worker_placement(rank: int, world_size: int) -> list[dict]:
-    """Where each worker of this attempt runs, in rank order: ``[{rank, node_id, node_ip}]``."""
+def worker_placement(rank: int, world_size: int, device) -> list[dict]:
+    """Where each worker of this attempt runs, in rank order: ``[{rank, node_id, node_ip,
+    device}]`` (``device``: the torch device it trains on, e.g. ``cuda:0`` or ``cpu``)."""
     import ray
 
     here = {"rank": rank, "node_id": ray.get_runtime_context().get_node_id(),
-            "node_ip": ray.util.get_node_ip_address()}
+            "node_ip": ray.util.get_node_ip_address(), "device": str(device)}
     if world_size == 1:
         return [here]
     import torch.distributed as dist
