@@ -199,7 +199,8 @@ def compare(tally: DriftTally, psi_limit: float, share_limit: float, min_images:
         quantities["positive_rate"] = {
             "statistic": "positive rate", "value": round(tally.positives / tally.scored, 4),
             "reference": round(expected, 4), "interval": [round(low, 4), round(high, 4)],
-            "threshold": tally.threshold, "drifted": not low <= expected <= high}
+            "threshold": tally.threshold,
+            "drifted": not low - 1e-9 <= expected <= high + 1e-9}  # (rounding at 0 and 1)
     judged = tally.scored >= min_images
     drifted = [n for n, q in quantities.items() if q["drifted"]] if judged else []
     return {"drifted": drifted, "judged": judged, "images": tally.scored,

@@ -238,7 +238,8 @@ def drift_png(drift: dict) -> bytes:
         axis.bar(x + 0.2, run, 0.4, label="this run",
                  color="#d62728" if entry["drifted"] else "#66c2a5")
         axis.set_xticks(x, labels, rotation=35, ha="right", fontsize=7)
-        limit = f" (limit {entry['limit']:g})" if entry.get("limit") is not None else ""
+        limit = (f" (limit {entry['limit']:g})" if entry.get("limit") is not None else
+                 f" (reference {entry['reference']:g})" if "interval" in entry else "")
         axis.set_title(f"{name}: {entry['statistic']} {entry['value']:g}{limit}", fontsize=9,
                        color="#d62728" if entry["drifted"] else "black")
     for axis in axes.ravel()[len(names):]:
