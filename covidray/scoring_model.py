@@ -22,14 +22,11 @@ class ModelToScore:
 
     uri: str
     data: bytes
+    digest: str  # model_digest(data), hashed once (the file is tens of MB)
     threshold: float
     threshold_source: str
     reference: dict | None = None
     no_reference: str = ""
-
-    @property
-    def digest(self) -> str:
-        return model_digest(self.data)
 
 
 def model_to_score(storage: Storage, model_uri: str, given_threshold: float | None
@@ -54,4 +51,4 @@ def model_to_score(storage: Storage, model_uri: str, given_threshold: float | No
     elif reference.get("model_digest") != digest:
         reference, why = None, (f"drift not checked: {reference_uri} describes another model "
                                 "(run `covidray evaluate` for this one)")
-    return ModelToScore(model_uri, data, threshold, source, reference, why)
+    return ModelToScore(model_uri, data, digest, threshold, source, reference, why)
