@@ -32,7 +32,7 @@ import math
 import numpy as np
 import pandas as pd
 
-from covidray.metrics import is_positive
+from covidray.metrics import is_positive, wilson_interval
 from covidray.profile import NUMBERS
 
 QUANTILES = (0.2, 0.4, 0.6, 0.8)  # bin edges: the reference's quintiles
@@ -87,15 +87,6 @@ def error_reason(error: str) -> str:
     """The kind of an error row's reason: its text before the first ':' (``"read failed"``,
     ``"corrupt or truncated image"``, ...)."""
     return str(error).split(":", 1)[0][:60]
-
-
-def wilson(successes: int, total: int) -> tuple[float, float]:
-    if not total:
-        return 0.0, 1.0
-    p, z = successes / total, Z_SIGNIFICANT
-    centre = (p + z * z / (2 * total)) / (1 + z * z / total)
-    half = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / (1 + z * z / total)
-    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def _mix(values) -> dict[str, int]:
@@ -195,12 +186,12 @@ def compare(tally: DriftTally, psi_limit: float, share_limit: float, min_images:
     scores = np.asarray(reference["scores"])
     expected = float(is_positive(scores, tally.threshold).mean()) if len(scores) else None
     if expected is not None and tally.scored:
-        low, high = wilson(tally.positives, tally.scored)
+        low, high = wilson_interval(tally.positives, tally.scored, Z_SIGNIFICANT)
         quantities["positive_rate"] = {
             "statistic": "positive rate", "value": round(tally.positives / tally.scored, 4),
             "reference": round(expected, 4), "interval": [round(low, 4), round(high, 4)],
             "threshold": tally.threshold,
-            "drifted": not low - 1e-9 <= expected <= high + 1e-9}  # (rounding at 0 and 1)
+            "drifted": not low <= expected <= high}
     judged = tally.scored >= min_images
     drifted = [n for n, q in quantities.items() if q["drifted"]] if judged else []
     return {"drifted": drifted, "judged": judged, "images": tally.scored,

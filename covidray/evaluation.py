@@ -19,21 +19,7 @@ from sklearn.metrics import average_precision_score, brier_score_loss
 from covidray.config import DEFAULT_SEED
 from covidray.labels import LABELS, POSITIVE_LABEL
 from covidray.metrics import (PAPER_THRESHOLDS, ConfusionCounts, is_positive, json_number,
-                              json_numbers, roc_auc, summarise)
-
-Z_95 = 1.959963984540054
-
-
-def wilson_interval(successes: int, total: int, z: float = Z_95) -> tuple[float, float] | None:
-    """95% Wilson score interval for a proportion; None when ``total`` is 0."""
-    if total == 0:
-        return None
-    p = successes / total
-    denominator = 1 + z * z / total
-    centre = (p + z * z / (2 * total)) / denominator
-    half = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / denominator
-    return (max(0.0, centre - half), min(1.0, centre + half))
-
+                              json_numbers, roc_auc, summarise, wilson_interval)
 
 def average_precision(scores, targets) -> float:
     """Area under the precision-recall curve (scikit-learn's average precision); NaN

@@ -11,6 +11,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from covidray.labels import LABELS  # noqa: E402
+from covidray.metrics import decimal, json_number  # noqa: E402
+
+
+def _known(value) -> bool:
+    """A number to draw: not None, not NaN."""
+    return json_number(value) is not None
 
 
 def _png(figure) -> bytes:
@@ -68,15 +74,21 @@ def roc_pr_png(scores, targets, auc: float, ap: float) -> bytes:
     """ROC and precision-recall curves side by side."""
     from sklearn.metrics import precision_recall_curve, roc_curve
 
-    fpr, tpr, _ = roc_curve(targets, scores)
-    precision, recall, _ = precision_recall_curve(targets, scores)
+    targets = np.asarray(targets)
     figure, (left, right) = plt.subplots(1, 2, figsize=(9, 4))
-    left.plot(fpr, tpr, color="tab:red")
     left.plot([0, 1], [0, 1], ls="--", color="grey")
-    left.set(xlabel="1 - specificity", ylabel="sensitivity", title=f"ROC (AUC {auc:.3f})")
-    right.step(recall, precision, where="post", color="tab:red")
-    right.axhline(np.mean(targets), ls="--", color="grey")
-    right.set(xlabel="recall (sensitivity)", ylabel="precision", title=f"PR (AP {ap:.3f})")
+    if (targets == 1).any() and (targets == 0).any():  # a curve needs both classes
+        fpr, tpr, _ = roc_curve(targets, scores)
+        precision, recall, _ = precision_recall_curve(targets, scores)
+        left.plot(fpr, tpr, color="tab:red")
+        right.step(recall, precision, where="post", color="tab:red")
+        right.axhline(np.mean(targets), ls="--", color="grey")
+    else:
+        for axes in (left, right):
+            axes.text(0.5, 0.5, f"no curve: {len(targets)} images, one class or none",
+                      ha="center", va="center", color="grey", fontsize=8)
+    left.set(xlabel="1 - specificity", ylabel="sensitivity", title=f"ROC (AUC {decimal(auc)})")
+    right.set(xlabel="recall (sensitivity)", ylabel="precision", title=f"PR (AP {decimal(ap)})")
     return _png(figure)
 
 
@@ -90,13 +102,14 @@ def calibration_png(calibration: dict) -> bytes:
     for b in bins:
         axes.annotate(str(b["images"]), (b["mean_score"], b["fraction_covid"]), fontsize=7)
     axes.set(xlabel="mean predicted COVID probability", ylabel="fraction COVID",
-             title=f"Calibration (Brier {calibration['brier']:.3f})", xlim=(0, 1), ylim=(0, 1))
+             title=f"Calibration (Brier {decimal(calibration['brier'])})", xlim=(0, 1),
+             ylim=(0, 1))
     return _png(figure)
 
 
 def histograms_by_png(frame, column: str) -> bytes:
     """Score histograms per value of ``column`` (e.g. source), by true class."""
-    values = sorted(frame[column].astype(str).unique())
+    values = sorted(frame[column].astype(str).unique()) or ["(no images)"]
     figure, axes_list = plt.subplots(len(values), 1, figsize=(7, 1.6 * len(values) + 0.6),
                                      sharex=True, squeeze=False)
     edges = np.linspace(0, 1, 41)
@@ -107,7 +120,8 @@ def histograms_by_png(frame, column: str) -> bytes:
             if len(scores):
                 axes.hist(scores, bins=edges, alpha=0.6, color=colour, label=f"{name} ({len(scores)})")
         axes.set_title(value, fontsize=9, loc="left")
-        axes.legend(fontsize=7)
+        if axes.patches:
+            axes.legend(fontsize=7)
     axes_list[-1, 0].set_xlabel("predicted COVID probability")
     return _png(figure)
 
@@ -117,18 +131,23 @@ def forest_png(breakdown: dict, threshold: float) -> bytes:
     point: one row per subgroup, grouped by column (source, view, manufacturer, ...)."""
     rows = [(column, row) for column, entries in breakdown.items() for row in entries]
     figure, panes = plt.subplots(1, 2, figsize=(10, 0.32 * len(rows) + 1.4), sharey=True)
+    if not rows:
+        panes[0].text(0.5, 0.5, "no subgroups", ha="center", va="center", color="grey")
     labels = [f"{column}: {row[column]} (n={row['images']})" for column, row in rows]
     positions = np.arange(len(rows))[::-1]
     for axes, measure, colour in ((panes[0], "sensitivity", "tab:red"),
                                   (panes[1], "specificity", "tab:blue")):
         for y, (_, row) in zip(positions, rows):
             value, interval = row.get(measure), row.get(f"{measure}_ci95")
-            if value is None:
+            if not _known(value):
                 axes.text(0.5, y, "n/a", ha="center", va="center", fontsize=7, color="grey")
                 continue
-            lo, hi = interval
-            axes.errorbar(value, y, xerr=[[value - lo], [hi - value]], fmt="o", color=colour,
-                          ecolor=colour, capsize=2, markersize=4)
+            axes.plot(value, y, "o", color=colour, markersize=4)
+            if interval is not None and all(_known(v) for v in interval):
+                # A bar never reaches past its point (an interval rounded the wrong side).
+                below, above = max(0.0, value - interval[0]), max(0.0, interval[1] - value)
+                axes.errorbar(value, y, xerr=[[below], [above]], fmt="none", ecolor=colour,
+                              capsize=2)
         axes.set_xlim(-0.02, 1.02)
         axes.set_title(f"{measure} at threshold {threshold:.3g}", fontsize=10)
         axes.grid(axis="x", alpha=0.3)
@@ -171,6 +190,8 @@ def audit_png(audit: dict) -> bytes:
     predictability = audit["predictability"]
     names, values, colours = [], [], []
     for name, value in predictability["source"]["per_source"].items():
+        if not _known(value):
+            continue
         names.append(f"source: {name}"[:40])
         values.append(value)
         colours.append("tab:orange")
@@ -188,7 +209,7 @@ def audit_png(audit: dict) -> bytes:
     bars = [("original", border["original_auc"]),
             ("lungs only", border["variants"]["lungs"]["auc"]),
             ("border only", border["variants"]["border"]["auc"])]
-    right.bar([b[0] for b in bars], [b[1] or 0 for b in bars],
+    right.bar([b[0] for b in bars], [b[1] if _known(b[1]) else 0 for b in bars],
               color=["tab:grey", "tab:green", "tab:purple"])
     right.axhline(0.5, color="grey", lw=0.8, ls="--")
     right.set_ylim(0, 1)

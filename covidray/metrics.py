@@ -17,6 +17,7 @@ from covidray.labels import LABELS
 
 PAPER_THRESHOLDS = (0.10, 0.15, 0.20, 0.25)
 HISTOGRAM_BINS = 50
+Z_95 = 1.959963984540054  # two-sided normal quantile of a 95% interval
 
 
 def is_positive(scores, threshold: float) -> np.ndarray:
@@ -33,6 +34,26 @@ def sweep_thresholds() -> np.ndarray:
     """0.00..1.00 in steps of 0.01, plus the paper's thresholds (which lie on that grid)."""
     grid = {round(i / 100, 2) for i in range(101)} | set(PAPER_THRESHOLDS)
     return np.asarray(sorted(grid), dtype=np.float64)
+
+
+def wilson_interval(successes: int, total: int, z: float = Z_95) -> tuple[float, float] | None:
+    """Wilson score interval of the proportion ``successes / total`` (``z``: the two-sided
+    normal quantile, 95% by default); None when ``total`` is 0.
+
+    The one interval for a proportion in covidray (evaluation, drift). It always holds its
+    own estimate and lies in [0, 1]: the closed form rounds past the estimate at the edges
+    (10 of 10 gives an upper bound of 1 - 1e-16, 0 of 7 a lower bound of 6e-17), which a
+    plot's error bars and an "is the reference inside" check must never see.
+    """
+    if total == 0:
+        return None
+    if not 0 <= successes <= total:
+        raise ValueError(f"wilson_interval: {successes} successes of {total} is not a proportion")
+    p = successes / total
+    denominator = 1 + z * z / total
+    centre = (p + z * z / (2 * total)) / denominator
+    half = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / denominator
+    return (min(max(0.0, centre - half), p), max(min(1.0, centre + half), p))
 
 
 def _ratio(numerator: int, denominator: int) -> float:
@@ -253,5 +274,10 @@ def json_numbers(row: dict) -> dict:
 
 
 def percent(value) -> str:
-    """A rate as people read it: ``0.953`` -> ``95.3%``; None -> ``n/a``."""
-    return "n/a" if value is None else f"{100 * value:.1f}%"
+    """A rate as people read it: ``0.953`` -> ``95.3%``; None or NaN -> ``n/a``."""
+    return "n/a" if json_number(value) is None else f"{100 * value:.1f}%"
+
+
+def decimal(value, spec: str = ".3f") -> str:
+    """A statistic (AUC, Brier score) as text: ``format(value, spec)``; None or NaN -> ``n/a``."""
+    return "n/a" if json_number(value) is None else format(value, spec)

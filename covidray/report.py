@@ -19,7 +19,7 @@ import pandas as pd
 from covidray import figures
 from covidray.drift import verdict
 from covidray.layout import EvalLayout
-from covidray.metrics import (PAPER_THRESHOLDS, metrics_report, percent, summarise,
+from covidray.metrics import (PAPER_THRESHOLDS, decimal, metrics_report, percent, summarise,
                               sweep_thresholds)
 from covidray.storage import Storage
 
@@ -119,12 +119,12 @@ def summary_blocks(result: dict) -> list:
               ("p", f"Weights: {result['weights']}. Test: {result['test_images']} images "
                     f"({result['test_covid']} covid, {result['test_non_covid']} non_covid, "
                     f"{result['test_patients']} patients)."),
-              ("p", f"ROC AUC {result['roc_auc']:.3f} (95% CI "
+              ("p", f"ROC AUC {decimal(result['roc_auc'])} (95% CI "
                     f"{_ci(result['roc_auc_ci95'], False)}), average precision "
-                    f"{result['average_precision']:.3f} (95% CI "
+                    f"{decimal(result['average_precision'])} (95% CI "
                     f"{_ci(result['average_precision_ci95'], False)}); patient-level bootstrap, "
                     f"{result['bootstrap']['replicates']} replicates. Brier score "
-                    f"{result['calibration']['brier']:.3f}."),
+                    f"{decimal(result['calibration']['brier'])}."),
               ("h2", "The paper's thresholds")]
     rows = []
     for key, entry in result["paper_thresholds"].items():
@@ -145,9 +145,9 @@ def summary_blocks(result: dict) -> list:
                      f"{percent(test['specificity'])} ({_ci(test['specificity_ci95'])}).")]
     for column, entries in result["breakdown"].items():
         rows = [[str(row[column]), str(row["images"]), str(row["covid"]), str(row["non_covid"]),
-                 "n/a (one class)" if row["roc_auc"] is None else f"{row['roc_auc']:.3f}",
+                 "n/a (one class)" if row["roc_auc"] is None else decimal(row["roc_auc"]),
                  percent(row["sensitivity"]), percent(row["specificity"]),
-                 f"{row['mean_score']:.3g}"] for row in entries]
+                 decimal(row["mean_score"], ".3g")] for row in entries]
         blocks += [("h2", f"By {column}"),
                    Table([column, "images", "covid", "non_covid", "ROC AUC", "sensitivity",
                           "specificity", "mean score"], rows)]

@@ -48,6 +48,21 @@ def test_the_same_distribution_is_not_flagged_and_a_shifted_one_is():
         assert compare(tally, 0.25, 0.15, 30)["drifted"] == flagged
 
 
+@pytest.mark.parametrize("rate", [0.0, 1.0])
+def test_a_run_at_the_reference_rate_of_zero_or_one_is_not_flagged(rate):
+    """Every image positive (or none), as in the reference: the Wilson interval of 10 of 10
+    must hold 1.0 exactly (the closed form rounds it to 1 - 1e-16)."""
+    rng = np.random.default_rng(3)
+    threshold = 0.0 if rate == 1.0 else 1.5  # all scores lie in [0, 1)
+    reference = make_reference(frame_of(400, rng), pd.DataFrame({"error": []}), threshold, "d",
+                               "t")
+    for rows in (10, 13, 25, 41):
+        tally = DriftTally(reference, threshold)
+        tally.add(frame_of(rows, rng))
+        positive_rate = compare(tally, 0.25, 0.15, 5)["quantities"]["positive_rate"]
+        assert positive_rate["value"] == rate and not positive_rate["drifted"], rows
+
+
 # --- scoring runs on the real server and cluster -------------------------------------------
 
 SIZE = (160, 192)

@@ -1,6 +1,7 @@
 """The evaluation report: intervals, operating point from validation, breakdowns."""
 
 import os
+import uuid
 
 import numpy as np
 import pandas as pd
@@ -10,13 +11,15 @@ from sklearn.metrics import average_precision_score, brier_score_loss, roc_auc_s
 
 from covidray.evaluation import (average_precision, bootstrap_interval, breakdown, calibration,
                                  evaluate_split, labelled, threshold_for_sensitivity,
-                                 wilson_interval, with_columns)
+                                 with_columns)
 from covidray.figures import histograms_by_png
 from covidray.layout import EvalLayout, RunLayout, ScoreLayout
 from covidray.metrics import is_positive
 from covidray.images import RECIPE
 from covidray.stages.evaluate import EvaluateConfig, evaluate_run
 from covidray.stages.score import ScoreConfig, score_archive
+
+from conftest import upload_synthetic
 
 
 
@@ -28,13 +31,6 @@ def frame(n=300, seed=0):
                          "label": np.where(target == 1, "covid", "non_covid"),
                          "group": [f"p{i // 3}" for i in range(n)],
                          "source": np.where(np.arange(n) % 5 == 0, "hospital-a", "hospital-b")})
-
-
-def test_wilson_interval_known_values():
-    assert wilson_interval(5, 10) == pytest.approx((0.2366, 0.7634), abs=1e-4)
-    low, high = wilson_interval(0, 10)
-    assert low == 0 and high == pytest.approx(0.2775, abs=1e-4)
-    assert wilson_interval(0, 0) is None
 
 
 def test_average_precision_matches_sklearn_with_ties():
@@ -102,6 +98,74 @@ def test_operating_point_comes_from_validation_not_test():
     assert point["test"]["sensitivity"] == pytest.approx(test_at)
 
 
+def degenerate(sources: dict[str, tuple[int, int, float]], seed: int = 0) -> pd.DataFrame:
+    """A labelled table: per source (covid images, non_covid images, score of every image)."""
+    rows = []
+    for source, (covid, non_covid, score) in sources.items():
+        for i, label in enumerate(["covid"] * covid + ["non_covid"] * non_covid):
+            rows.append({"uri": f"s3://b/{source}/{i}.png", "score": score, "label": label,
+                         "group": f"{source}-{i}", "source": source})
+    return labelled(pd.DataFrame(rows))
+
+
+@pytest.mark.parametrize("test_sources", [
+    # 10 of 10 COVID found, 0 of 7 flagged, a single image, and a source of no known value
+    {"all-found": (10, 0, 0.9), "none-flagged": (0, 7, 0.1), "single": (1, 0, 0.05),
+     "unknown": (2, 2, 0.5)},
+    {"only-covid": (13, 0, 0.8)},  # one class in the whole test split: no ROC, no AUC
+    {"one-image": (0, 1, 0.3)},
+], ids=["subgroups-at-0-and-1", "one-class", "one-image"])
+def test_degenerate_subgroups_still_give_a_whole_report(tmp_path, test_sources):
+    """Rates of exactly 0 or 1, intervals of zero width, one class, one image: every figure
+    and table is written, every interval holds its point, and n/a stands where a number is
+    undefined (before: 'xerr' must not contain negative values)."""
+    from covidray.figures import forest_png
+    from covidray.report import write_report
+    from covidray.storage import Storage
+
+    val = degenerate({"a": (10, 10, 0.7), "b": (5, 5, 0.2)})
+    test = degenerate(test_sources)
+    result = evaluate_split(val, test, 0.9, ["source"], bootstrap=20)
+    result.update(run="degenerate", weights="none", drift={"quantities": {}, "judged": False,
+                                                            "images": 0, "why": "not judged"})
+    for row in result["breakdown"]["source"]:
+        for measure in ("sensitivity", "specificity"):
+            if row[measure] is None:
+                assert row[f"{measure}_ci95"] is None
+                continue
+            low, high = row[f"{measure}_ci95"]
+            assert 0 <= low <= row[measure] <= high <= 1, (row, measure)
+    layout = EvalLayout(str(tmp_path / "eval"))
+    forest = forest_png(result["breakdown"], result["operating_point"]["threshold"])
+    write_report(Storage(), layout, result, test, {"forest.png": forest})
+    report = tmp_path / "eval" / "report"
+    pngs = sorted(p.name for p in report.glob("*.png"))
+    assert "forest.png" in pngs and "roc_pr.png" in pngs and "calibration.png" in pngs
+    assert all((report / name).read_bytes().startswith(b"\x89PNG") for name in pngs)
+    summary = (report / "summary.md").read_text()
+    assert "## By source" in summary and "nan" not in summary.lower()
+    if test["target"].nunique() < 2:
+        assert "ROC AUC n/a" in summary
+
+
+def test_figures_draw_a_missing_value_a_zero_width_interval_and_no_subgroup_at_all():
+    from covidray.figures import calibration_png, forest_png, histograms_by_png, roc_pr_png
+
+    rows = [{"source": "missing", "images": 0, "sensitivity": None, "sensitivity_ci95": None,
+             "specificity": float("nan"), "specificity_ci95": None},
+            {"source": "zero-width", "images": 3, "sensitivity": 1.0,
+             "sensitivity_ci95": (1.0, 1.0), "specificity": 0.5, "specificity_ci95": None},
+            {"source": "rounded", "images": 10, "sensitivity": 1.0,
+             "sensitivity_ci95": (0.72, 0.9999999999999999), "specificity": 0.0,
+             "specificity_ci95": (5.6e-17, 0.35)}]  # what the unclamped interval gave
+    for breakdown_rows in ({"source": rows}, {}, {"source": []}):
+        assert forest_png(breakdown_rows, 0.5).startswith(b"\x89PNG")
+    empty = labelled(frame(0))
+    assert histograms_by_png(empty, "source").startswith(b"\x89PNG")
+    assert roc_pr_png([], [], float("nan"), float("nan")).startswith(b"\x89PNG")
+    assert calibration_png(calibration([], [])).startswith(b"\x89PNG")
+
+
 @pytest.fixture(scope="module")
 def evaluated(storage, trained_run, ray_local):
     """``covidray evaluate`` on a copy of the shared run (its model card stays with the copy)."""
@@ -110,6 +174,58 @@ def evaluated(storage, trained_run, ray_local):
     layout = EvalLayout(f"{trained_run['root']}/eval")
     config = EvaluateConfig(run=run, eval_dir=layout.root, target_sensitivity=0.9, bootstrap=100)
     return {"run": run, "layout": layout, "headline": evaluate_run(config, storage)}
+
+
+def test_evaluate_writes_its_report_when_a_source_has_every_covid_found_and_none_flagged(
+        storage, trained_run, ray_local):
+    """The real-data crash, on generated images: the test split's 'all-found' source holds
+    10 COVID images the model all calls positive, 'none-flagged' 7 non-COVID images it all
+    calls negative (sensitivity 10/10, specificity 7/7: intervals whose closed form rounds
+    past 1.0). ``covidray evaluate`` writes the report and the forest plot."""
+    root = f"{trained_run['root']}/degenerate-{uuid.uuid4().hex[:6]}"
+    run = RunLayout(f"{root}/run")
+    storage.copy_prefix(trained_run["run"], run.root)
+    manifest = upload_synthetic(storage, f"{root}/data", 30, 30, seed=5)
+    first = ScoreLayout(f"{root}/first-look")
+    score_archive(ScoreConfig(archive=manifest, model=run.onnx, output=first.root,
+                              threshold=0.5), storage)
+    scored = storage.read_parquet_dir(first.predictions)
+    patients = scored.groupby("group").agg(label=("label", "first"), low=("score", "min"),
+                                           high=("score", "max"))  # 2 images per patient
+    covid, non_covid = (patients[patients["label"] == label] for label in ("covid", "non_covid"))
+
+    def split_at(patient):
+        """Val's COVID images are ``patient``'s two, so the threshold chosen at sensitivity
+        0.9 is its lower score: COVID patients wholly at or above it and non-COVID ones
+        wholly below it form the test sources."""
+        threshold = covid.loc[patient, "low"]
+        found = covid[(covid["low"] >= threshold) & (covid.index != patient)].index[:5]
+        flagged_none = non_covid[non_covid["high"] < threshold].index[:4]
+        return min(len(found) / 5, len(flagged_none) / 4), patient, found, flagged_none
+
+    enough, patient, found, flagged_none = max((split_at(p) for p in covid.index),
+                                               key=lambda option: option[0])
+    assert enough >= 1, "the session's model does not separate the synthetic classes at all"
+    val_patients = non_covid.index.difference(flagged_none).union([patient])
+    rows = scored[["uri", "label", "source", "group"]].assign(patient_id=scored["group"], copy=0)
+    rows["split"] = np.where(rows["group"].isin(found.union(flagged_none)), "test",
+                             np.where(rows["group"].isin(val_patients), "val", "train"))
+    rows.loc[rows["group"].isin(found), "source"] = "all-found"
+    rows.loc[rows["group"].isin(flagged_none), "source"] = "none-flagged"
+    rows = rows.drop(rows[rows["source"] == "none-flagged"].index[-1:])  # 7 of them, not 8
+    storage.write_table(run.splits, rows)
+
+    layout = EvalLayout(f"{root}/eval")
+    evaluate_run(EvaluateConfig(run=run.root, eval_dir=layout.root, target_sensitivity=0.9,
+                                bootstrap=50, saliency=0, audit=False), storage)
+    report = storage.read_json(layout.report_file("report.json"))
+    sources = {row["source"]: row for row in report["breakdown"]["source"]}
+    assert (sources["all-found"]["images"], sources["all-found"]["sensitivity"]) == (10, 1.0)
+    assert (sources["none-flagged"]["images"], sources["none-flagged"]["specificity"]) == (7, 1.0)
+    assert sources["all-found"]["sensitivity_ci95"][1] == 1.0
+    assert sources["none-flagged"]["specificity_ci95"][1] == 1.0
+    assert storage.read_bytes(layout.report_file("forest.png")).startswith(b"\x89PNG")
+    assert ">forest.png<" in storage.read_bytes(layout.report_file("report.html")).decode()
 
 
 def test_evaluate_run_writes_a_report_that_matches_its_predictions(storage, evaluated):

@@ -1,12 +1,13 @@
 """`ray job submit` against a real `ray start --head` cluster runs every stage."""
 
 import asyncio
+import os
 import time
 
 import pytest
 
 import ray_head
-from covidray.layout import RunLayout, ScoreLayout
+from covidray.layout import EvalLayout, RunLayout, ScoreLayout
 
 from conftest import BUCKET, REPO, free_port, process_tree
 
@@ -92,6 +93,31 @@ def test_demo_job_runs_train_export_and_score_on_a_ray_start_cluster(ray_cluster
     assert len(artifacts) > 20
     for uri in artifacts:
         assert secret.encode() not in storage.read_bytes(uri), uri
+
+
+REAL_XRAYS = os.environ.get("COVIDRAY_REAL_XRAYS",
+                            os.path.join(os.path.dirname(REPO), "shared", "data", "cxr"))
+
+
+@pytest.mark.skipif(not os.path.isfile(os.path.join(REAL_XRAYS, "metadata.csv")),
+                    reason=f"no real X-rays at {REAL_XRAYS} (set COVIDRAY_REAL_XRAYS)")
+def test_demo_job_on_real_xrays_runs_through_evaluate(ray_cluster, s3_env, storage):
+    """The README's real-data demo (`infra/local/demo.sh --data ../shared/data/cxr`) on a small
+    sample: real X-rays from several sources, where subgroups with every COVID image found or
+    none flagged are common, through evaluate's report and forest plot to scoring."""
+    workdir = f"s3://{BUCKET}/job-demo-real-{int(time.time())}"
+    logs = submit_and_wait(ray_cluster, f"python jobs/demo.py --data {REAL_XRAYS} --workdir "
+                                        f"{workdir} --images 120 --epochs 20 --weights none",
+                           {k: s3_env[k] for k in LOCATIONS_ONLY})
+    assert "covidray demo summary" in logs and "report " in logs
+    run = RunLayout(f"{workdir}/run")
+    evaluation = EvalLayout(run.eval_dir)
+    report = storage.read_json(evaluation.report_file("report.json"))
+    assert report["test_images"] > 0 and report["breakdown"]["source"]
+    for name in ("forest.png", "roc_pr.png", "calibration.png", "audit.png"):
+        assert storage.read_bytes(evaluation.report_file(name)).startswith(b"\x89PNG"), name
+    assert storage.exists(run.model_card)
+    assert storage.read_json(ScoreLayout(f"{workdir}/scores/test").success)["reconciled"]
 
 
 def test_score_job_with_wrong_credentials_fails_with_a_clear_message(ray_cluster, s3_env):

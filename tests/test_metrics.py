@@ -4,8 +4,10 @@ import numpy as np
 import pytest
 from sklearn.metrics import confusion_matrix, roc_auc_score
 
-from covidray.metrics import (PAPER_THRESHOLDS, ScoreSummary, SortedAUC, is_positive,
-                              metrics_report, roc_auc, summarise, sweep_csv, sweep_thresholds)
+from covidray import drift, evaluation
+from covidray.metrics import (PAPER_THRESHOLDS, Z_95, ScoreSummary, SortedAUC, decimal,
+                              is_positive, metrics_report, percent, roc_auc, summarise, sweep_csv,
+                              sweep_thresholds, wilson_interval)
 
 
 @pytest.fixture
@@ -97,3 +99,36 @@ def test_undefined_ratio_is_none_in_report():
     report = metrics_report(summarise([0.2, 0.4], [0, 0]), roc_auc([0.2, 0.4], [0, 0]), 0.5)
     assert report["roc_auc"] is None
     assert report["paper_thresholds"]["0.10"]["sensitivity"] is None
+
+
+def test_wilson_interval_holds_its_estimate_for_every_count_up_to_500():
+    """Every k of n, 1 <= n <= 500: 0 <= lower <= k/n <= upper <= 1, at 95% and at the drift
+    watch's z. Unclamped, 10 of 10 gives an upper bound below 1.0 and 0 of 7 a lower bound
+    above 0.0, and the forest plot refused the negative error bar."""
+    for z in (Z_95, drift.Z_SIGNIFICANT):
+        for n in range(1, 501):
+            for k in range(n + 1):
+                lower, upper = wilson_interval(k, n, z)
+                assert 0.0 <= lower <= k / n <= upper <= 1.0, (k, n, z, lower, upper)
+    assert wilson_interval(10, 10)[1] == 1.0 and wilson_interval(0, 7)[0] == 0.0
+
+
+def test_wilson_interval_known_values_and_refusals():
+    assert wilson_interval(5, 10) == pytest.approx((0.2366, 0.7634), abs=1e-4)
+    assert wilson_interval(0, 10) == pytest.approx((0.0, 0.2775), abs=1e-4)
+    assert wilson_interval(0, 0) is None
+    for bad in ((11, 10), (-1, 10)):
+        with pytest.raises(ValueError, match="not a proportion"):
+            wilson_interval(*bad)
+
+
+def test_one_wilson_interval_serves_evaluation_and_drift():
+    assert evaluation.wilson_interval is wilson_interval
+    assert drift.wilson_interval is wilson_interval
+    assert not hasattr(drift, "wilson")
+
+
+def test_numbers_as_text_say_n_a_for_a_missing_value():
+    assert percent(0.9534) == "95.3%" and decimal(0.91234) == "0.912"
+    for missing in (None, float("nan"), np.float64("nan")):
+        assert percent(missing) == "n/a" and decimal(missing) == "n/a"
