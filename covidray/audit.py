@@ -22,7 +22,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from covidray.images import normalize
+from covidray.images import PAPER_RECIPE, Recipe
 from covidray.metrics import is_positive, roc_auc
 
 # The central region a frontal chest X-ray's lungs fill after the recipe's centre crop:
@@ -48,17 +48,21 @@ def saliency_sample(frame: pd.DataFrame, threshold: float, per_kind: int, seed: 
     return {kind: rows.head(per_kind) for kind, rows in chosen.items()}
 
 
-def grad_cam(model: nn.Module, pixels: np.ndarray, target_class: int = 1) -> np.ndarray:
+def grad_cam(model: nn.Module, pixels: np.ndarray, target_class: int = 1,
+             recipe: Recipe = PAPER_RECIPE) -> np.ndarray:
     """Grad-CAM heat maps (``float32[N, 224, 224]`` in [0, 1]) of ``target_class`` on the
-    last convolutional block (``layer4`` of the ResNet), upsampled to the input."""
+    backbone's last convolutional block (its registry ``cam_layer``: ``layer4`` of the
+    ResNet), upsampled to the input; ``recipe``: the model's preprocessing."""
     from captum.attr import LayerAttribution, LayerGradCam
+
+    from covidray.model import cam_layer
 
     if not len(pixels):
         return np.zeros((0, *pixels.shape[1:]), dtype=np.float32)
     model = model.eval()
-    inputs = torch.from_numpy(normalize(pixels)).requires_grad_(True)
-    cam = LayerGradCam(model, model.layer4).attribute(inputs, target=target_class,
-                                                      relu_attributions=True)
+    inputs = torch.from_numpy(recipe.normalize(pixels)).requires_grad_(True)
+    cam = LayerGradCam(model, cam_layer(model)).attribute(inputs, target=target_class,
+                                                          relu_attributions=True)
     cam = LayerAttribution.interpolate(cam, tuple(pixels.shape[1:]), "bilinear")
     maps = cam.detach()[:, 0].numpy().astype(np.float32)
     peaks = maps.reshape(len(maps), -1).max(axis=1).reshape(-1, 1, 1)

@@ -13,25 +13,27 @@ import numpy as np
 import torch
 from torch import nn
 
-from covidray.images import model_inputs
+from covidray.images import PAPER_RECIPE, Recipe, model_inputs
 from covidray.metrics import roc_auc, summarise
-from covidray.model import covid_probability, set_train_mode
+from covidray.model import covid_probability, describe_weights, set_train_mode
 
 
-def batch_tensors(batch: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def batch_tensors(batch: dict, device: torch.device,
+                  recipe: Recipe = PAPER_RECIPE) -> tuple[torch.Tensor, torch.Tensor]:
     """A batch -> (inputs, targets) on ``device``, dropping rows that failed to load."""
-    inputs, ok = model_inputs(batch)
+    inputs, ok = model_inputs(batch, recipe)
     x = torch.from_numpy(inputs).to(device)
     y = torch.from_numpy(np.asarray(batch["target"])[ok].astype(np.int64)).to(device)
     return x, y
 
 
 def train_one_epoch(model: nn.Module, criterion, optimizer, batches: Iterable[dict],
-                    device: torch.device, train_layers: str) -> dict:
+                    device: torch.device, train_layers: str,
+                    recipe: Recipe = PAPER_RECIPE) -> dict:
     set_train_mode(model, train_layers)
     total_loss, seen = 0.0, 0
     for batch in batches:
-        x, y = batch_tensors(batch, device)
+        x, y = batch_tensors(batch, device, recipe)
         if not len(y):
             continue
         optimizer.zero_grad(set_to_none=True)
@@ -45,11 +47,11 @@ def train_one_epoch(model: nn.Module, criterion, optimizer, batches: Iterable[di
 
 @torch.inference_mode()
 def evaluate(model: nn.Module, criterion, batches: Iterable[dict], device: torch.device,
-             threshold: float) -> dict:
+             threshold: float, recipe: Recipe = PAPER_RECIPE) -> dict:
     model.eval()
     losses, scores, targets = [], [], []
     for batch in batches:
-        x, y = batch_tensors(batch, device)
+        x, y = batch_tensors(batch, device, recipe)
         if not len(y):
             continue
         logits = model(x)
@@ -66,12 +68,14 @@ def evaluate(model: nn.Module, criterion, batches: Iterable[dict], device: torch
 
 
 def make_checkpoint(model: nn.Module, optimizer, epoch: int, config: dict,
-                    history: list[dict], weights_note: str) -> dict:
-    """The checkpoint dict: ``{model, optimizer, epoch, config, history, weights}``."""
+                    history: list[dict], provenance: dict) -> dict:
+    """The checkpoint dict: ``{model, optimizer, epoch, config, history, weights,
+    weights_provenance}`` (``provenance``: :func:`covidray.model.weights_provenance`)."""
     state = getattr(model, "module", model).state_dict()
     return {"model": {k: v.detach().cpu() for k, v in state.items()},
             "optimizer": optimizer.state_dict(), "epoch": epoch, "config": config,
-            "history": history, "weights": weights_note}
+            "history": history, "weights": describe_weights(provenance),
+            "weights_provenance": provenance}
 
 
 def in_memory(batches: Iterable[dict], columns=("features", "target", "error")) -> dict:

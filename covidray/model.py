@@ -1,11 +1,17 @@
-"""The model: torchvision ResNet18 with a 2-class head, its starting weights, and checkpoints.
+"""The model: a registry backbone (:mod:`covidray.backbones`) with a 2-class head, its
+starting weights, and checkpoints.
+
+Every model is a :class:`Classifier`: ``body`` (the backbone, images -> features) and ``fc``
+(the head, features -> 2 logits), whatever the backbone, so freezing, feature caching,
+export and Grad-CAM treat all backbones alike.
 
 ``weights`` names where the backbone starts:
-  * ``"imagenet"``: torchvision's ``ResNet18_Weights.IMAGENET1K_V1`` (downloaded and
-    hash-checked by torchvision, or read from its cache ``$TORCH_HOME/hub/checkpoints``);
+  * ``"imagenet"``: the backbone's registry entry (:func:`covidray.backbones.imagenet_state`:
+    an installed, sha256-checked file, or torchvision's own hash-checked download / cache);
   * ``"none"``: random initialisation;
-  * a local path or ``s3://`` URI of a state dict (a torchvision file, or a covidray
-    checkpoint), loaded with ``weights_only=True``.
+  * a local path or ``s3://`` URI of a state dict (the backbone's native file, a covidray
+    checkpoint, or a covidray ResNet18 state dict of before the registry), loaded with
+    ``weights_only=True``.
 """
 
 from __future__ import annotations
@@ -15,75 +21,126 @@ import io
 import torch
 from torch import nn
 
+from covidray.backbones import (BACKBONES, PAPER_BACKBONE, LoadedWeights, WeightsUnavailable,
+                                fitting_backbone, get_backbone, imagenet_state, sha256_of,
+                                to_covidray_keys)
+from covidray.images import Recipe
 from covidray.labels import LABELS, POSITIVE_LABEL
 from covidray.storage import Storage
 
-IMAGENET_URL = "https://download.pytorch.org/models/resnet18-f37072fd.pth"
 TRAIN_LAYERS = ("fc", "all")
+__all__ = ["WeightsUnavailable"]  # raised here, defined with the registry
 
 
-class WeightsUnavailable(RuntimeError):
-    """The requested starting weights cannot be loaded; the message says how to supply them."""
+class Classifier(nn.Module):
+    """``body`` (images ``[N,3,224,224]`` -> features ``[N, width]``) then ``fc`` (2 logits)."""
+
+    def __init__(self, backbone: str):
+        super().__init__()
+        entry = get_backbone(backbone)
+        self.backbone = backbone
+        self.body = entry.build()
+        self.fc = nn.Linear(entry.width, len(LABELS))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.body(x))
 
 
-def build_model(weights: str = "none", storage: Storage | None = None) -> nn.Module:
-    """ResNet18 with a ``len(LABELS)``-way head, starting from ``weights``."""
-    from torchvision.models import resnet18
+def recipe_for(backbone: str, window: str = "none") -> Recipe:
+    """The preprocessing a model of ``backbone`` is trained, exported and scored with."""
+    entry = get_backbone(backbone)
+    return Recipe(mean=entry.mean, std=entry.std, window=window)
 
-    model = resnet18(weights=None)
-    model.fc = nn.Linear(model.fc.in_features, len(LABELS))
-    state = load_weights(weights, storage)
-    if state is not None:
-        head_fits = tuple(state.get("fc.weight", torch.empty(0)).shape) == tuple(model.fc.weight.shape)
-        if not head_fits:  # an ImageNet (1000-class) file: keep our fresh 2-class head
-            state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+
+def build_model(weights: str = "none", storage: Storage | None = None,
+                backbone: str = PAPER_BACKBONE) -> Classifier:
+    """``backbone`` with a ``len(LABELS)``-way head, starting from ``weights``."""
+    return build_with_provenance(weights, storage, backbone)[0]
+
+
+def build_with_provenance(weights: str, storage: Storage | None,
+                          backbone: str) -> tuple[Classifier, dict]:
+    """:func:`build_model`, and what its weights were (:func:`weights_provenance`)."""
+    model = Classifier(backbone)
+    loaded = load_weights(weights, storage, backbone)
+    if loaded is not None:
+        state = to_covidray_keys(loaded.state, get_backbone(backbone))
+        has_head = "fc.weight" in state
         missing, unexpected = model.load_state_dict(state, strict=False)
-        allowed_missing = set() if head_fits else {"fc.weight", "fc.bias"}
+        allowed_missing = set() if has_head else {"fc.weight", "fc.bias"}
         if set(missing) - allowed_missing or unexpected:
-            raise WeightsUnavailable(f"weights '{weights}' do not fit ResNet18: missing "
-                                     f"{sorted(set(missing) - allowed_missing)[:5]}, unexpected "
-                                     f"{sorted(unexpected)[:5]}")
-    return model
+            fits = fitting_backbone(loaded.state)
+            hint = (f": it is a {fits} file, train with --backbone {fits}" if fits and
+                    fits != backbone else ": pass a state dict of this architecture")
+            raise WeightsUnavailable(
+                f"weights '{weights}' do not fit {backbone} (missing "
+                f"{sorted(set(missing) - allowed_missing)[:3]}, unexpected "
+                f"{sorted(unexpected)[:3]}){hint}")
+        if has_head and tuple(state["fc.weight"].shape) != tuple(model.fc.weight.shape):
+            raise WeightsUnavailable(f"weights '{weights}' hold a head of shape "
+                                     f"{tuple(state['fc.weight'].shape)}, not {backbone}'s")
+    return model, weights_provenance(weights, backbone, loaded)
 
 
-def initial_model(weights: str, seed: int, storage: Storage | None = None) -> nn.Module:
+def initial_model(weights: str, seed: int, storage: Storage | None = None,
+                  backbone: str = PAPER_BACKBONE) -> Classifier:
     """The run's starting model: the same in every process that builds it for one run
     (the seed fixes the random head, and the backbone too when ``weights`` is ``none``)."""
     torch.manual_seed(seed)
-    return build_model(weights, storage)
+    return build_model(weights, storage, backbone)
 
 
-def load_weights(weights: str, storage: Storage | None = None) -> dict | None:
+def load_weights(weights: str, storage: Storage | None = None,
+                 backbone: str = PAPER_BACKBONE) -> LoadedWeights | None:
+    """The tensors ``weights`` names for ``backbone`` (None for ``none``), with their origin."""
     if weights == "none":
         return None
     if weights == "imagenet":
-        from torchvision.models import ResNet18_Weights
-
-        try:
-            return ResNet18_Weights.IMAGENET1K_V1.get_state_dict(progress=False, check_hash=True)
-        except Exception as exc:
-            raise WeightsUnavailable(
-                f"ImageNet weights could not be fetched ({type(exc).__name__}: {exc}). On an "
-                f"air-gapped cluster, pre-stage them: download {IMAGENET_URL} elsewhere and "
-                "either copy it to $TORCH_HOME/hub/checkpoints/ on every node, or upload it to "
-                "your storage and pass --weights s3://BUCKET/resnet18-f37072fd.pth "
-                "(or a local path)") from exc
+        return imagenet_state(get_backbone(backbone))
     storage = storage or Storage()
     try:
         data = storage.read_bytes(weights)
     except Exception as exc:
         raise WeightsUnavailable(f"cannot read weights '{weights}': {exc}") from exc
-    obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    try:
+        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise WeightsUnavailable(f"'{weights}' is not a torch state dict "
+                                 f"({type(exc).__name__}: {exc})") from exc
     state = obj.get("model", obj) if isinstance(obj, dict) else obj
     if not isinstance(state, dict):
         raise WeightsUnavailable(f"'{weights}' holds no state dict")
-    return {k.removeprefix("module."): v for k, v in state.items()}
+    return LoadedWeights(state, weights, sha256_of(data), "that of the file given (not "
+                         "checked by covidray)")
 
 
-def describe_weights(weights: str) -> str:
-    """What a ``weights`` value means, as results report it."""
-    return {"imagenet": "torchvision ResNet18_Weights.IMAGENET1K_V1",
-            "none": "random initialisation (no pretrained weights)"}.get(weights, weights)
+def resolve_weights(weights: str, storage: Storage, backbone: str = PAPER_BACKBONE) -> str:
+    """``auto`` -> ``imagenet`` when those weights load here, else ``none`` (and say so)."""
+    if weights != "auto":
+        return weights
+    try:
+        load_weights("imagenet", storage, backbone)
+        return "imagenet"
+    except WeightsUnavailable as exc:
+        print(f"ImageNet weights for {backbone} do not load here ({exc}): training from "
+              "random initialisation (weights none). See README 'Backbones and weights'.")
+        return "none"
+
+
+def weights_provenance(weights: str, backbone: str, loaded: LoadedWeights | None) -> dict:
+    """What a model started from, as checkpoints, ONNX metadata and model cards record it."""
+    if loaded is None:
+        return {"backbone": backbone, "weights": weights,
+                "source": "random initialisation (no pretrained weights)", "sha256": "",
+                "licence": "n/a"}
+    return {"backbone": backbone, "weights": weights, "source": loaded.source,
+            "sha256": loaded.sha256, "licence": loaded.licence}
+
+
+def describe_weights(provenance: dict) -> str:
+    """One line naming a model's starting weights, as results report it."""
+    digest = f", sha256 {provenance['sha256']}" if provenance.get("sha256") else ""
+    return f"{provenance['backbone']}: {provenance['source']}{digest}"
 
 
 def freeze_for(model: nn.Module, train_layers: str) -> nn.Module:
@@ -107,6 +164,11 @@ def set_train_mode(model: nn.Module, train_layers: str) -> None:
 
 def head(model: nn.Module) -> nn.Linear:
     return getattr(model, "module", model).fc
+
+
+def cam_layer(model: Classifier) -> nn.Module:
+    """The layer Grad-CAM explains: the backbone's last convolutional block."""
+    return model.body.get_submodule(get_backbone(model.backbone).cam_layer)
 
 
 def covid_probability(logits: torch.Tensor) -> torch.Tensor:
@@ -142,7 +204,18 @@ def checkpoint_bytes(checkpoint: dict) -> bytes:
     return buffer.getvalue()
 
 
-def model_from_checkpoint(checkpoint: dict) -> nn.Module:
-    model = build_model("none")
-    model.load_state_dict(checkpoint["model"])
+def checkpoint_backbone(checkpoint: dict) -> str:
+    """The backbone a checkpoint's model is (ResNet18 for those of before the registry)."""
+    return checkpoint["config"].get("backbone", PAPER_BACKBONE)
+
+
+def checkpoint_recipe(checkpoint: dict) -> Recipe:
+    """The preprocessing a checkpoint's model was trained with."""
+    return recipe_for(checkpoint_backbone(checkpoint), checkpoint["config"].get("window", "none"))
+
+
+def model_from_checkpoint(checkpoint: dict) -> Classifier:
+    backbone = checkpoint_backbone(checkpoint)
+    model = Classifier(backbone)
+    model.load_state_dict(to_covidray_keys(checkpoint["model"], BACKBONES[backbone]))
     return model.eval()

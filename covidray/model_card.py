@@ -8,10 +8,10 @@ data is the one nightly scoring applies.
 from __future__ import annotations
 
 import hashlib
+import json
 
 import pandas as pd
 
-from covidray.images import RECIPE
 from covidray.labels import LABELS, POSITIVE_LABEL
 
 INTENDED_USE = ("Research and triage support on chest X-rays only: ranks images for review. "
@@ -49,12 +49,18 @@ def build_model_card(model_uri: str, digest: str, metadata: dict, splits: pd.Dat
     return {
         "model": model_uri,
         "model_digest": digest,
-        "architecture": "torchvision ResNet18, 2-class head",
+        "architecture": f"{metadata.get('backbone', 'resnet18')}, 2-class head",
         "inputs": {"name": "input", "shape": ["N", 3, 224, 224], "dtype": "float32",
-                   "preprocessing": RECIPE},
+                   "preprocessing": json.loads(metadata["preprocessing"])},
         "outputs": {"logits": ["N", 2], "probabilities": ["N", 2],
                     "classes": list(LABELS), "score": f"probabilities[:, {POSITIVE_LABEL}]"},
-        "starting_weights": metadata.get("weights"),
+        "starting_weights": {"backbone": metadata.get("backbone", "resnet18"),
+                             "weights": json.loads(metadata.get("train_config", "{}"))
+                             .get("weights"),  # the option: imagenet, none, a file
+                             "description": metadata.get("weights"),
+                             "source": metadata.get("weights_source"),
+                             "sha256": metadata.get("weights_sha256"),
+                             "licence": metadata.get("weights_licence")},
         "epochs_trained": metadata.get("epochs_trained"),
         "training_data": data_summary(splits),
         "operating_point": {

@@ -1,10 +1,11 @@
 """The ONNX model: writing it (one self-contained file, dynamic batch, metadata inside),
 checking it against torch, and running it (:class:`OnnxScorer`, the scoring callable).
 
-The exported graph maps ``input`` ``float32[N,3,224,224]`` (the output of
-:func:`covidray.images.normalize`) to ``logits`` and ``probabilities`` ``[N, 2]``.
+The exported graph maps ``input`` ``float32[N,3,224,224]`` (the output of the model's
+:class:`covidray.images.Recipe`) to ``logits`` and ``probabilities`` ``[N, 2]``.
 Its metadata carries class names, the preprocessing recipe, the operating threshold,
-the starting weights and the training config, so a scorer needs nothing else.
+the backbone and its starting weights (source, sha256, licence) and the training config,
+so a scorer needs nothing else.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import warnings
 
 import numpy as np
 
-from covidray.images import INPUT_SIZE, RECIPE, model_inputs, normalize
+from covidray.images import INPUT_SIZE, PAPER_RECIPE, RECIPE_NAME, Recipe, model_inputs
 from covidray.labels import LABELS, POSITIVE_LABEL
 from covidray.metrics import predicted_labels
 
@@ -29,11 +30,20 @@ class ExportParityError(RuntimeError):
     """onnxruntime disagrees with torch by more than the tolerance."""
 
 
-def model_metadata(threshold: float, weights: str, train_config: dict, epochs: int) -> dict:
+def model_metadata(threshold: float, weights: str, train_config: dict, epochs: int,
+                   recipe: Recipe = PAPER_RECIPE, provenance: dict | None = None) -> dict:
+    """The ONNX metadata (``covidray.*``). ``weights``: one line naming the starting
+    weights; ``provenance``: :func:`covidray.model.weights_provenance` (older checkpoints
+    have none: their backbone is ResNet18)."""
+    provenance = provenance or {}
     return {
         "class_names": json.dumps(list(LABELS)),
         "positive_class": POSITIVE_LABEL,
-        "preprocessing": json.dumps(RECIPE, sort_keys=True),
+        "preprocessing": json.dumps(recipe.describe(), sort_keys=True),
+        "backbone": provenance.get("backbone", train_config.get("backbone", "resnet18")),
+        "weights_source": provenance.get("source", weights),
+        "weights_sha256": provenance.get("sha256", ""),
+        "weights_licence": provenance.get("licence", ""),
         "threshold": repr(float(threshold)),
         "weights": weights,
         "epochs_trained": str(epochs),
@@ -107,7 +117,7 @@ FEATURES_OUTPUT = "features"
 
 
 def with_features_output(model_bytes: bytes) -> bytes:
-    """The exported model with one more output, ``features`` ``[N, 512]``: the input of its
+    """The exported model with one more output, ``features`` ``[N, width]``: the input of its
     last layer (the ``Gemm`` that makes ``logits``, in float or int8 exports). One
     onnxruntime pass then gives the scores and what the last layer reads (the shortcut
     audit's features)."""
@@ -241,13 +251,16 @@ def parity_check(model, model_bytes: bytes, inputs: np.ndarray,
     return report
 
 
-def check_recipe(metadata: dict, model_uri: str) -> None:
-    """Refuse a model trained with another preprocessing recipe than this library's."""
+def check_recipe(metadata: dict, model_uri: str) -> Recipe:
+    """The preprocessing recipe a model's metadata names; refuses one this library cannot
+    apply (another recipe family, or a window it does not know)."""
     if "preprocessing" not in metadata:
         raise ValueError(f"'{model_uri}' has no covidray metadata: export it with `covidray export`")
-    if json.loads(metadata["preprocessing"]) != RECIPE:
+    described = json.loads(metadata["preprocessing"])
+    if described.get("name") != RECIPE_NAME:
         raise ValueError(f"'{model_uri}' was trained with preprocessing {metadata['preprocessing']}"
-                         f", this covidray uses {RECIPE['name']}: re-export or upgrade")
+                         f", this covidray uses {RECIPE_NAME}: re-export or upgrade")
+    return Recipe.from_description(described, model_uri)
 
 
 class OnnxScorer:
@@ -267,7 +280,7 @@ class OnnxScorer:
         self.session = onnx_session(with_features_output(model) if features else model,
                                     threads, gpu)
         self.metadata = read_metadata(self.session)
-        check_recipe(self.metadata, name)
+        self.recipe = check_recipe(self.metadata, name)
         self.threshold = threshold  # chosen by covidray.model_card.scoring_threshold
         self.positive = positive_index(self.metadata)
         self.keep = keep
@@ -282,7 +295,7 @@ class OnnxScorer:
         """``uint8[N, 224, 224]`` pixels -> (COVID probabilities, the last layer's input
         features), ``batch`` images per onnxruntime run; needs ``features``."""
         outputs = [self.session.run(["probabilities", FEATURES_OUTPUT],
-                                    {"input": normalize(pixels[i:i + batch])})
+                                    {"input": self.recipe.normalize(pixels[i:i + batch])})
                    for i in range(0, len(pixels), batch)]
         if not outputs:
             return np.zeros(0), np.zeros((0, 0), np.float32)
@@ -291,14 +304,14 @@ class OnnxScorer:
 
     def scores(self, pixels: np.ndarray, batch: int = 64) -> np.ndarray:
         """``uint8[N, 224, 224]`` pixels -> COVID probabilities, ``batch`` images a run."""
-        parts = [self.probabilities(normalize(pixels[i:i + batch]))
+        parts = [self.probabilities(self.recipe.normalize(pixels[i:i + batch]))
                  for i in range(0, len(pixels), batch)]
         return np.concatenate(parts) if parts else np.zeros(0)
 
     def __call__(self, batch: dict) -> dict:
         if self.threshold is None:
             raise ValueError("an OnnxScorer that predicts needs its threshold")
-        inputs, ok = model_inputs(batch)
+        inputs, ok = model_inputs(batch, self.recipe)
         scores = np.full(len(ok), np.nan, dtype=np.float64)
         if ok.any():
             scores[ok] = self.probabilities(inputs)

@@ -116,7 +116,8 @@ def summary_blocks(result: dict) -> list:
     ``("ul", [items])`` and :class:`Table` blocks."""
     operating = result["operating_point"]
     blocks = [("h1", f"covidray evaluation: {result['run']}"),
-              ("p", f"Weights: {result['weights']}. Test: {result['test_images']} images "
+              ("p", f"Weights: {result['weights']} (licence: "
+                    f"{result.get('weights_licence', 'n/a')}). Test: {result['test_images']} images "
                     f"({result['test_covid']} covid, {result['test_non_covid']} non_covid, "
                     f"{result['test_patients']} patients)."),
               ("p", f"ROC AUC {decimal(result['roc_auc'])} (95% CI "

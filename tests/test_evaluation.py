@@ -241,7 +241,7 @@ def test_evaluate_run_writes_a_report_that_matches_its_predictions(storage, eval
         predicted = is_positive(test["score"], float(key))
         assert entry["tp"] == int((predicted & (test["target"] == 1)).sum())
         assert entry["fp"] == int((predicted & (test["target"] == 0)).sum())
-    assert headline["weights"].startswith("random initialisation")
+    assert headline["weights"] == "resnet18: random initialisation (no pretrained weights)"
     assert headline["report"] == layout.report_file("report.html")
     page = storage.read_bytes(layout.report_file("report.html")).decode()
     assert page.count("data:image/png;base64,") >= 10

@@ -7,6 +7,7 @@ import time
 import pytest
 
 import ray_head
+from covidray.backbones import get_backbone
 from covidray.layout import EvalLayout, RunLayout, ScoreLayout
 
 from conftest import BUCKET, REPO, free_port, process_tree
@@ -69,10 +70,16 @@ def test_demo_job_runs_train_export_and_score_on_a_ray_start_cluster(ray_cluster
 
     workdir = f"s3://{BUCKET}/job-demo-{int(time.time())}"
     logs = submit_and_wait(ray_cluster, f"python jobs/demo.py --workdir {workdir} --images 24 "
-                                        "--epochs 1 --weights none",
+                                        "--epochs 1",
                            {k: s3_env[k] for k in LOCATIONS_ONLY})
     assert "covidray demo summary" in logs
     run, scores = f"{workdir}/run", f"{workdir}/scores/test"
+    # The demo's default: MobileNetV2 from its installed ImageNet file (set-up installs it).
+    mobilenet = get_backbone("mobilenet_v2").imagenet
+    started = storage.read_json(RunLayout(run).model_card)["starting_weights"]
+    assert (started["backbone"], started["weights"]) == ("mobilenet_v2", "imagenet"), started
+    assert started["sha256"] == mobilenet.sha256 and "ImageNet" in started["licence"]
+    assert f"weights imagenet: {mobilenet.description}" in logs
     for artifact in (RunLayout(run).model_checkpoint, RunLayout(run).onnx,
                      ScoreLayout(scores).metrics_json, ScoreLayout(scores).sweep_csv,
                      ScoreLayout(scores).confusion_png(0.10), ScoreLayout(scores).success):
@@ -107,7 +114,7 @@ def test_demo_job_on_real_xrays_runs_through_evaluate(ray_cluster, s3_env, stora
     none flagged are common, through evaluate's report and forest plot to scoring."""
     workdir = f"s3://{BUCKET}/job-demo-real-{int(time.time())}"
     logs = submit_and_wait(ray_cluster, f"python jobs/demo.py --data {REAL_XRAYS} --workdir "
-                                        f"{workdir} --images 120 --epochs 20 --weights none",
+                                        f"{workdir} --images 120 --epochs 20",
                            {k: s3_env[k] for k in LOCATIONS_ONLY})
     assert "covidray demo summary" in logs and "report " in logs
     run = RunLayout(f"{workdir}/run")

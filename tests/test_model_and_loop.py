@@ -28,7 +28,7 @@ def test_imagenet_shaped_file_from_s3_loads_backbone_and_fresh_head(storage, pre
     torch.save(state, buffer)
     storage.write_bytes(f"{prefix}/resnet18.pth", buffer.getvalue())
     model = build_model(f"{prefix}/resnet18.pth", storage)
-    assert torch.equal(model.layer4[1].conv2.weight, state["layer4.1.conv2.weight"])
+    assert torch.equal(model.body.layer4[1].conv2.weight, state["layer4.1.conv2.weight"])
     assert model.fc.out_features == 2
 
 
@@ -43,8 +43,20 @@ def test_covidray_checkpoint_loads_with_its_head(tmp_path):
 def test_a_file_that_is_not_resnet18_is_refused(tmp_path):
     path = tmp_path / "other.pt"
     torch.save({"conv.weight": torch.zeros(3)}, path)
-    with pytest.raises(WeightsUnavailable, match="do not fit ResNet18"):
+    with pytest.raises(WeightsUnavailable, match="do not fit resnet18"):
         build_model(str(path))
+
+
+def test_a_file_of_another_backbone_is_refused_naming_the_one_it_fits(tmp_path):
+    from torchvision.models import mobilenet_v2
+
+    path = tmp_path / "mobilenet.pth"
+    torch.save(mobilenet_v2(weights=None).state_dict(), path)
+    with pytest.raises(WeightsUnavailable, match="it is a mobilenet_v2 file, train with "
+                                                 "--backbone mobilenet_v2"):
+        build_model(str(path), backbone="resnet18")
+    model = build_model(str(path), backbone="mobilenet_v2")  # and it fits where it belongs
+    assert model.fc.in_features == 1280
 
 
 def test_missing_weights_file_says_so(tmp_path):
@@ -55,21 +67,21 @@ def test_missing_weights_file_says_so(tmp_path):
 def test_imagenet_weights_load_or_explain_how_to_prestage(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # an empty cache: forces a download
     try:
-        state = load_weights("imagenet")
+        loaded = load_weights("imagenet")
     except WeightsUnavailable as exc:  # no internet (as on this project's machines)
         assert "resnet18-f37072fd.pth" in str(exc) and "--weights s3://" in str(exc)
     else:
-        assert state["fc.weight"].shape == (1000, 512)
+        assert loaded.state["fc.weight"].shape == (1000, 512)
 
 
 def test_fc_mode_trains_only_the_head_and_keeps_batchnorm_fixed():
     model = freeze_for(build_model("none"), "fc")
     assert {n for n, p in model.named_parameters() if p.requires_grad} == {"fc.weight", "fc.bias"}
     set_train_mode(model, "fc")
-    assert not model.bn1.training and model.fc.training
+    assert not model.body.bn1.training and model.fc.training
     freeze_for(model, "all")
     set_train_mode(model, "all")
-    assert all(p.requires_grad for p in model.parameters()) and model.bn1.training
+    assert all(p.requires_grad for p in model.parameters()) and model.body.bn1.training
 
 
 def synthetic_batches(tmp_path, n=24, batch_size=8):
@@ -92,8 +104,8 @@ def test_plain_loop_learns_without_ray_and_leaves_backbone_untouched(tmp_path):
     torch.manual_seed(0)
     batches = synthetic_batches(tmp_path)
     model = freeze_for(build_model("none"), "fc")
-    backbone_before = model.layer3[0].conv1.weight.clone()
-    running_mean_before = model.bn1.running_mean.clone()
+    backbone_before = model.body.layer3[0].conv1.weight.clone()
+    running_mean_before = model.body.bn1.running_mean.clone()
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     criterion = nn.CrossEntropyLoss()
     before = evaluate(model, criterion, batches, torch.device("cpu"), 0.5)
@@ -102,8 +114,8 @@ def test_plain_loop_learns_without_ray_and_leaves_backbone_untouched(tmp_path):
     after = evaluate(model, criterion, batches, torch.device("cpu"), 0.5)
     assert after["val_loss"] < before["val_loss"]
     assert after["val_auc"] > 0.8
-    assert torch.equal(model.layer3[0].conv1.weight, backbone_before)
-    assert torch.equal(model.bn1.running_mean, running_mean_before)
+    assert torch.equal(model.body.layer3[0].conv1.weight, backbone_before)
+    assert torch.equal(model.body.bn1.running_mean, running_mean_before)
 
 
 def test_cached_features_train_in_the_same_order_whatever_order_ray_delivers_them():

@@ -13,7 +13,8 @@ from covidray.features import extract_features
 from covidray.images import RECIPE, preprocess
 from covidray.layout import RunLayout, ScoreLayout
 from covidray.metrics import is_positive
-from covidray.model import build_model, initial_model, load_checkpoint, model_from_checkpoint
+from covidray.model import (build_model, checkpoint_recipe, initial_model, load_checkpoint,
+                            model_from_checkpoint)
 from covidray.onnx_model import (ExportParityError, export_onnx, model_metadata, onnx_session,
                                  parity_check, read_metadata, score_on_gpu)
 from covidray.stages.export import parity_inputs
@@ -51,7 +52,8 @@ def test_frozen_backbone_run_trains_on_stored_features(storage, trained_run):
     assert (storage.read_parquet_dir(layout.features("train"))["copy"] > 0).any()  # grown COVID
     checkpoint = load_checkpoint(storage, layout.model_checkpoint)
     start = initial_model("none", trained_run["config"].seed)
-    assert torch.equal(checkpoint["model"]["layer4.1.conv2.weight"], start.layer4[1].conv2.weight)
+    assert torch.equal(checkpoint["model"]["body.layer4.1.conv2.weight"],
+                       start.body.layer4[1].conv2.weight)
     assert not torch.equal(checkpoint["model"]["fc.weight"], start.fc.weight)
     # The stored features are what the final model's backbone makes of those images, so
     # the head trained on them is the head the exported model applies.
@@ -94,7 +96,8 @@ def test_onnx_carries_metadata_and_a_dynamic_batch(storage, trained_run):
     metadata = read_metadata(session)
     assert json.loads(metadata["preprocessing"]) == RECIPE
     assert json.loads(metadata["class_names"]) == ["non_covid", "covid"]
-    assert metadata["weights"].startswith("random initialisation")
+    assert metadata["weights"] == "resnet18: random initialisation (no pretrained weights)"
+    assert (metadata["backbone"], metadata["weights_sha256"]) == ("resnet18", "")
     assert json.loads(metadata["train_config"])["epochs"] == 2
     for batch in (1, 5):
         logits, probabilities = session.run(None, {"input": np.zeros((batch, 3, 224, 224), np.float32)})
@@ -110,9 +113,9 @@ def test_the_exported_model_scores_what_torch_scores_as_its_report_says(storage,
 
     layout = RunLayout(trained_run["run"])
     report = storage.read_json(layout.export_report)
-    inputs = parity_inputs(storage, layout)
-    model = ScoringModel(model_from_checkpoint(load_checkpoint(storage,
-                                                               layout.model_checkpoint))).eval()
+    checkpoint = load_checkpoint(storage, layout.model_checkpoint)
+    inputs = parity_inputs(storage, layout, checkpoint_recipe(checkpoint))
+    model = ScoringModel(model_from_checkpoint(checkpoint)).eval()
     with torch.inference_mode():
         expected = model(torch.from_numpy(inputs))[1].numpy()
     got = onnx_session(storage.read_bytes(layout.onnx)).run(["probabilities"],
@@ -149,18 +152,24 @@ def test_training_images_decode_in_parallel_tasks_and_arrive_in_order(storage, t
 
 
 def test_training_export_and_scoring_preprocess_identically(storage, trained_run, ray_local):
-    """The same file through the three real pipelines gives bit-identical model input."""
+    """The same file through the three real pipelines gives bit-identical model input, with
+    one recipe: the one the checkpoint's backbone names, which export writes into the ONNX
+    metadata and the scorer rebuilds from there."""
+    from covidray.onnx_model import OnnxScorer
+
     layout = RunLayout(trained_run["run"])
+    recipe = checkpoint_recipe(load_checkpoint(storage, layout.model_checkpoint))
+    assert OnnxScorer(storage.read_bytes(layout.onnx), layout.onnx).recipe == recipe
     splits = storage.read_table(layout.splits)
     held_out = pd.concat([splits[splits["split"] == s] for s in ("test", "val", "train")])
     uri = held_out["uri"].iloc[0]
-    reference = preprocess(storage.read_bytes(uri))[0]
+    reference = preprocess(storage.read_bytes(uri), recipe)[0]
 
     # training: the Ray Data stream fed to Ray Train (unaugmented row), then batch_tensors' input
     train_batch = next(iter(image_stream(held_out.head(1), storage).iter_batches(batch_format="numpy")))
-    from_training = model_inputs(train_batch)[0][0]
+    from_training = model_inputs(train_batch, recipe)[0][0]
     # export: the parity-check input is the first held-out image
-    from_export = parity_inputs(storage, layout, count=1)[0]
+    from_export = parity_inputs(storage, layout, recipe, count=1)[0]
     # scoring: the archive index + loading stages of score_archive
     archive = f"{trained_run['root']}/one.csv"
     storage.write_table(archive, pd.DataFrame({"uri": [uri]}))
@@ -168,7 +177,7 @@ def test_training_export_and_scoring_preprocess_identically(storage, trained_run
     assert snapshot_index(storage, archive, index) == 1
     score_batch = next(iter(loaded_images(storage, index, 8, 0.5)
                             .iter_batches(batch_format="numpy")))
-    from_scoring = model_inputs(score_batch)[0][0]
+    from_scoring = model_inputs(score_batch, recipe)[0][0]
 
     for name, array in (("training", from_training), ("export", from_export),
                         ("scoring", from_scoring)):

@@ -87,7 +87,8 @@ def run_demo(config: DemoConfig, storage: Storage, ray_address: str | None = Non
         manifest = upload_dataset(UploadConfig(config.data, layout.data, config.images, seed),
                                   storage)["manifest"]
     train = dataclasses.replace(config.train, data=manifest, run=layout.run)
-    print(f"[2/5] training ({train.epochs} epochs, weights={train.weights}) -> {layout.run}")
+    print(f"[2/5] training {train.backbone} ({train.epochs} epochs, weights={train.weights}) "
+          f"-> {layout.run}")
     trained = fit(train, storage, ray_address)
     print(f"[3/5] exporting ONNX -> {RunLayout(layout.run).onnx}")
     exported = export_run(ExportConfig(run=layout.run), storage)

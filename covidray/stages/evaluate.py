@@ -18,7 +18,8 @@ from covidray.datasets import pixels_of, split_rows
 from covidray.drift import DriftTally, compare, make_reference
 from covidray.evaluation import evaluate_split, labelled, with_columns
 from covidray.layout import EvalLayout, RunLayout, ScoreLayout
-from covidray.model import load_checkpoint, model_from_checkpoint
+from covidray.backbones import get_backbone
+from covidray.model import checkpoint_recipe, load_checkpoint, model_from_checkpoint
 from covidray.model_card import build_model_card
 from covidray.onnx_model import OnnxScorer
 from covidray.report import write_report
@@ -79,7 +80,8 @@ def evaluate_run(config: EvaluateConfig, storage: Storage, ray_address: str | No
                if c in test.columns and (test[c] != "unknown").any()]
     result = evaluate_split(tables["val"], test, config.target_sensitivity, columns,
                             config.bootstrap)
-    result.update(run=config.run, weights=metadata["weights"], eval_dir=layout.root,
+    result.update(run=config.run, weights=metadata["weights"],
+                  weights_licence=metadata.get("weights_licence") or "n/a", eval_dir=layout.root,
                   config=to_dict(config))
     digest = next(iter(digests))
     reference = make_reference(*scored["val"], result["operating_point"]["threshold"], digest,
@@ -113,7 +115,9 @@ def inspect_model(config: EvaluateConfig, storage: Storage, run: RunLayout, tabl
                   result: dict) -> dict[str, bytes]:
     """Saliency for each split and the shortcut audit; adds ``saliency`` and ``audit`` to
     ``result`` and returns their figures. Runs on the driver: a few hundred held-out images."""
-    model = model_from_checkpoint(load_checkpoint(storage, run.model_checkpoint))
+    checkpoint = load_checkpoint(storage, run.model_checkpoint)
+    model, recipe = model_from_checkpoint(checkpoint), checkpoint_recipe(checkpoint)
+    layer = f"{model.backbone} {get_backbone(model.backbone).cam_layer}"
     threshold = result["operating_point"]["threshold"]
     pngs, result["saliency"] = {}, {}
     for split, frame in tables.items():
@@ -123,11 +127,11 @@ def inspect_model(config: EvaluateConfig, storage: Storage, run: RunLayout, tabl
         result["saliency"][split] = {}
         for kind, rows in sample.items():
             pixels = pixels_of(storage, rows["uri"].tolist())
-            maps = audit.grad_cam(model, pixels)
+            maps = audit.grad_cam(model, pixels, recipe=recipe)
             share = audit.central_share(maps)
             captions = [f"{kind.replace('_', ' ')} {s:.2f}\n{src}"[:48]
                         for s, src in zip(rows["score"], rows["source"])]
-            title = f"{split}: {kind.replace('_', ' ')}s (Grad-CAM, layer4)"
+            title = f"{split}: {kind.replace('_', ' ')}s (Grad-CAM, {layer})"
             pngs[f"saliency_{split}_{kind}.png"] = figures.saliency_png(pixels, maps, captions,
                                                                         title)
             pngs[f"saliency_{split}_{kind}_maps.png"] = figures.saliency_png(

