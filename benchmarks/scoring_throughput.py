@@ -24,7 +24,10 @@ prints, each measured here and now:
   2048x2048 PNGs, with the ratio to the bound (for (b) the bound is min(model, decode));
   with a GPU also the ratio to min(model, decode in Ray): there the GPU runs the model and
   the cores decode, so the slower of the two is what a pipeline can reach;
-* the wall time of a small archive on the warm cluster.
+* the wall time of a small archive on the warm cluster;
+* per registry backbone (``--backbones``, all by default): model only and end to end on
+  archive (a), each against ResNet18's in the same run, and what a million-image archive
+  takes at that rate.
 """
 
 from __future__ import annotations
@@ -50,7 +53,8 @@ import s3_server  # noqa: E402
 from covidray.cluster import plan_resources  # noqa: E402
 from covidray.datasets import load_pixels  # noqa: E402
 from covidray.images import decode_with_tags, normalize, to_input_pixels  # noqa: E402
-from covidray.model import build_model  # noqa: E402
+from covidray.backbones import BACKBONES  # noqa: E402
+from covidray.model import build_model, recipe_for  # noqa: E402
 from covidray.onnx_model import (export_onnx, model_metadata, onnx_session,  # noqa: E402
                                  score_on_gpu)
 from covidray.archive_index import snapshot_index  # noqa: E402
@@ -183,6 +187,29 @@ def end_to_end(storage: Storage, manifest: str, model_uri: str, output: str) -> 
     return summary["listed"] / seconds, {**summary, "wall": seconds}
 
 
+def per_backbone(names: list[str], storage: Storage, archive: str, images: int, cpus: int,
+                 gpu: bool, batch: int) -> None:
+    """Model-only and end-to-end rates of each backbone on ``archive`` (random weights:
+    speed does not depend on them), against ResNet18's measured here."""
+    rows = {}
+    for name in names:
+        model = export_onnx(build_model("none", backbone=name),
+                            model_metadata(0.5, "none", {"backbone": name}, 0,
+                                           recipe_for(name)))
+        uri = storage.write_bytes(f"{BUCKET}/model-{name}/model.onnx", model)
+        rows[name] = (model_only(model, cpus, gpu, batch),
+                      end_to_end(storage, archive, uri, f"{BUCKET}/out/backbone-{name}")[0])
+    base_model, base_e2e = rows.get("resnet18", next(iter(rows.values())))
+    print()
+    print(f"per backbone, archive (a) {images} JPEGs: images/s (x ResNet18's); a million "
+          "images at the end-to-end rate")
+    for name, (model_rate, e2e_rate) in rows.items():
+        print(f"  {name:<20} {BACKBONES[name].gmacs:4.2f} GMACs   model only "
+              f"{model_rate:7.1f} ({model_rate / base_model:4.2f}x)   end to end "
+              f"{e2e_rate:6.1f} ({e2e_rate / base_e2e:4.2f}x)   1M images: "
+              f"{1e6 / e2e_rate / 3600:5.1f} h", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--jpegs", type=int, default=2000)
@@ -190,6 +217,8 @@ def main() -> None:
     parser.add_argument("--small", type=int, default=40)
     parser.add_argument("--repeats", type=int, default=1,
                         help="end-to-end runs of each archive (the median is reported)")
+    parser.add_argument("--backbones", default=",".join(BACKBONES),
+                        help="registry backbones to measure on archive (a); '' for none")
     args = parser.parse_args()
 
     cpus = os.cpu_count() or 1
@@ -282,7 +311,10 @@ def main() -> None:
                   + f"{100 * profile_s / (cpus / rate):7.2f} %  ({1e6 * profile_s:.0f} us per "
                   "image, one core; the limit is 3%)")
         print(f"small archive ({args.small} images) on a warm cluster   "
-              f"{small_run['wall']:7.1f} s")
+              f"{small_run['wall']:7.1f} s", flush=True)
+        names = [n for n in args.backbones.split(",") if n]
+        if names:
+            per_backbone(names, storage, archive_a, args.jpegs, cpus, gpu, batch)
     finally:
         ray.shutdown()
         s3_server.stop(directory)

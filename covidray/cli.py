@@ -101,7 +101,7 @@ def main(argv=None) -> int:
         return 2
     from covidray.drift import DriftDetected
     from covidray.lease import LeaseHeld
-    from covidray.model import WeightsUnavailable
+    from covidray.backbones import WeightsUnavailable
     from covidray.onnx_model import ExportParityError
     from covidray.storage import StorageError
 

@@ -29,7 +29,6 @@ from covidray.labels import LABELS, POSITIVE_LABEL
 from covidray.storage import Storage
 
 TRAIN_LAYERS = ("fc", "all")
-__all__ = ["WeightsUnavailable"]  # raised here, defined with the registry
 
 
 class Classifier(nn.Module):

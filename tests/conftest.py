@@ -31,7 +31,9 @@ os.environ.update(ray_head.token_env(tempfile.mkdtemp(prefix="covidray-ray-auth-
 from covidray.storage import Storage, StorageSettings  # noqa: E402
 
 BUCKET = "covidray-test"
-SHARED_CXR = os.path.join(REPO, "..", "shared", "data", "cxr")
+# The real X-rays beside the clone (never committed); COVIDRAY_REAL_XRAYS points elsewhere.
+SHARED_CXR = os.environ.get("COVIDRAY_REAL_XRAYS",
+                            os.path.join(os.path.dirname(REPO), "shared", "data", "cxr"))
 
 
 def process_tree(root: int) -> set[int]:

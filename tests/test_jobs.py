@@ -10,7 +10,7 @@ import ray_head
 from covidray.backbones import get_backbone
 from covidray.layout import EvalLayout, RunLayout, ScoreLayout
 
-from conftest import BUCKET, REPO, free_port, process_tree
+from conftest import BUCKET, REPO, SHARED_CXR, free_port, process_tree
 
 pytestmark = pytest.mark.cluster
 
@@ -102,18 +102,14 @@ def test_demo_job_runs_train_export_and_score_on_a_ray_start_cluster(ray_cluster
         assert secret.encode() not in storage.read_bytes(uri), uri
 
 
-REAL_XRAYS = os.environ.get("COVIDRAY_REAL_XRAYS",
-                            os.path.join(os.path.dirname(REPO), "shared", "data", "cxr"))
-
-
-@pytest.mark.skipif(not os.path.isfile(os.path.join(REAL_XRAYS, "metadata.csv")),
-                    reason=f"no real X-rays at {REAL_XRAYS} (set COVIDRAY_REAL_XRAYS)")
+@pytest.mark.skipif(not os.path.isfile(os.path.join(SHARED_CXR, "metadata.csv")),
+                    reason=f"no real X-rays at {SHARED_CXR} (set COVIDRAY_REAL_XRAYS)")
 def test_demo_job_on_real_xrays_runs_through_evaluate(ray_cluster, s3_env, storage):
     """The README's real-data demo (`infra/local/demo.sh --data ../shared/data/cxr`) on a small
     sample: real X-rays from several sources, where subgroups with every COVID image found or
     none flagged are common, through evaluate's report and forest plot to scoring."""
     workdir = f"s3://{BUCKET}/job-demo-real-{int(time.time())}"
-    logs = submit_and_wait(ray_cluster, f"python jobs/demo.py --data {REAL_XRAYS} --workdir "
+    logs = submit_and_wait(ray_cluster, f"python jobs/demo.py --data {SHARED_CXR} --workdir "
                                         f"{workdir} --images 120 --epochs 20",
                            {k: s3_env[k] for k in LOCATIONS_ONLY})
     assert "covidray demo summary" in logs and "report " in logs
