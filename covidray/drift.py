@@ -27,8 +27,6 @@ A run with fewer than ``min_images`` scored images is not judged (too few to tel
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pandas as pd
 
