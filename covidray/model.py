@@ -64,20 +64,22 @@ def build_with_provenance(weights: str, storage: Storage | None,
     loaded = load_weights(weights, storage, backbone)
     if loaded is not None:
         state = to_covidray_keys(loaded.state, get_backbone(backbone))
-        has_head = "fc.weight" in state
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        allowed_missing = set() if has_head else {"fc.weight", "fc.bias"}
-        if set(missing) - allowed_missing or unexpected:
+        expected = model.state_dict()
+        # Checked before loading: torch raises its own multi-line error on a tensor of
+        # another shape (a head of another backbone's width), even with strict=False.
+        allowed_missing = set() if "fc.weight" in state else {"fc.weight", "fc.bias"}
+        missing = sorted(set(expected) - set(state) - allowed_missing)
+        unexpected = sorted(set(state) - set(expected))
+        reshaped = sorted(k for k in set(state) & set(expected)
+                          if tuple(state[k].shape) != tuple(expected[k].shape))
+        if missing or unexpected or reshaped:
             fits = fitting_backbone(loaded.state)
             hint = (f": it is a {fits} file, train with --backbone {fits}" if fits and
                     fits != backbone else ": pass a state dict of this architecture")
             raise WeightsUnavailable(
-                f"weights '{weights}' do not fit {backbone} (missing "
-                f"{sorted(set(missing) - allowed_missing)[:3]}, unexpected "
-                f"{sorted(unexpected)[:3]}){hint}")
-        if has_head and tuple(state["fc.weight"].shape) != tuple(model.fc.weight.shape):
-            raise WeightsUnavailable(f"weights '{weights}' hold a head of shape "
-                                     f"{tuple(state['fc.weight'].shape)}, not {backbone}'s")
+                f"weights '{weights}' do not fit {backbone} (missing {missing[:3]}, "
+                f"unexpected {unexpected[:3]}, other shape {reshaped[:3]}){hint}")
+        model.load_state_dict(state, strict=False)
     return model, weights_provenance(weights, backbone, loaded)
 
 

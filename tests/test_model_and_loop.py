@@ -59,6 +59,16 @@ def test_a_file_of_another_backbone_is_refused_naming_the_one_it_fits(tmp_path):
     assert model.fc.in_features == 1280
 
 
+def test_a_covidray_model_of_another_backbone_is_refused_in_one_line(tmp_path):
+    """Its 2-class head is 1280 wide, not ResNet18's 512: the refusal names the backbone,
+    not torch's size-mismatch error."""
+    path = tmp_path / "mobilenet-covidray.pt"
+    torch.save(build_model("none", backbone="mobilenet_v2").state_dict(), path)
+    with pytest.raises(WeightsUnavailable, match="other shape \\['fc.weight'\\].*it is a "
+                                                 "mobilenet_v2 file"):
+        build_model(str(path), backbone="resnet18")
+
+
 def test_missing_weights_file_says_so(tmp_path):
     with pytest.raises(WeightsUnavailable, match="cannot read weights"):
         build_model(str(tmp_path / "absent.pth"))
