@@ -40,7 +40,7 @@ COPY jobs ./jobs
 RUN pip install --no-cache-dir --no-deps . \
  && python -c "import covidray.cli, onnxruntime, Augmentor, boto3" \
  && python -m covidray.backbones \
- && if [ "$VARIANT" = "gpu" ]; then python -c "from covidray.onnx_model import cuda_mismatch; \
+ && if [ "$VARIANT" = "gpu" ]; then python -c "from covidray.onnx_runtime import cuda_mismatch; \
       problem = cuda_mismatch(); assert problem is None, problem"; fi
 
 # Jobs submitted with --working-dir ship their own code; this copy serves clusters that run

@@ -55,7 +55,7 @@ def main() -> None:
         print(f"model: {args.model}")
     else:
         from covidray.model import build_model
-        from covidray.onnx_model import export_onnx, model_metadata
+        from covidray.onnx_export import export_onnx, model_metadata
 
         storage.write_bytes(model, export_onnx(build_model("none"),
                                                model_metadata(0.5, "none", {}, 0)))

@@ -4,7 +4,7 @@
     python benchmarks/int8_quantization.py --run s3://covidray-cxr/runs/paper-random
 
 Quantizes the run's float ``model.onnx`` as ``covidray export --quantize int8`` does
-(:func:`covidray.onnx_model.quantize_int8`: QDQ, int8 weights per channel, uint8
+(:func:`covidray.onnx_export.quantize_int8`: QDQ, int8 weights per channel, uint8
 activations) calibrated on ``--calibration`` validation images, then, in this process:
 
 * model-only speed, batch 32, every core: fp32 vs int8;
@@ -24,11 +24,13 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from covidray.datasets import pixels_of, split_rows  # noqa: E402
-from covidray.images import normalize  # noqa: E402
+from covidray.imaging.loader import pixels_of  # noqa: E402
+from covidray.datasets import split_rows  # noqa: E402
+from covidray.imaging.recipe import normalize  # noqa: E402
 from covidray.layout import RunLayout  # noqa: E402
 from covidray.metrics import roc_auc  # noqa: E402
-from covidray.onnx_model import OnnxScorer, quantize_int8  # noqa: E402
+from covidray.onnx_runtime import OnnxScorer  # noqa: E402
+from covidray.onnx_export import quantize_int8  # noqa: E402
 from covidray.storage import Storage  # noqa: E402
 from scoring_throughput import model_only  # noqa: E402  (the same bound, measured the same way)
 

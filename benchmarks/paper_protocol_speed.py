@@ -29,8 +29,8 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from covidray.datasets import load_pixels  # noqa: E402
-from covidray.images import model_inputs  # noqa: E402
+from covidray.imaging.loader import load_pixels  # noqa: E402
+from covidray.imaging.recipe import model_inputs  # noqa: E402
 from covidray.features import extract_features  # noqa: E402
 from covidray.model import build_model, freeze_for, head  # noqa: E402
 from covidray.storage import Storage  # noqa: E402

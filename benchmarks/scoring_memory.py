@@ -42,7 +42,7 @@ def tiny_model() -> bytes:
     """An ONNX model with covidray's input, output and metadata, and almost no compute."""
     from torch import nn
 
-    from covidray.onnx_model import export_onnx, model_metadata
+    from covidray.onnx_export import export_onnx, model_metadata
 
     model = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(3, 2)).eval()
     return export_onnx(model, model_metadata(0.5, "none (memory benchmark stand-in)", {}, 0))

@@ -51,15 +51,17 @@ import ray_head  # noqa: E402
 import s3_server  # noqa: E402
 
 from covidray.cluster import plan_resources  # noqa: E402
-from covidray.datasets import load_pixels  # noqa: E402
-from covidray.images import decode_with_tags, normalize, to_input_pixels  # noqa: E402
+from covidray.imaging.loader import load_pixels  # noqa: E402
+from covidray.imaging.decode import decode_with_tags  # noqa: E402
+from covidray.imaging.recipe import normalize, to_input_pixels  # noqa: E402
 from covidray.backbones import BACKBONES  # noqa: E402
 from covidray.model import build_model, recipe_for  # noqa: E402
-from covidray.onnx_model import (export_onnx, model_metadata, onnx_session,  # noqa: E402
-                                 score_on_gpu)
-from covidray.archive_index import snapshot_index  # noqa: E402
+from covidray.onnx_export import export_onnx, model_metadata
+from covidray.onnx_runtime import onnx_session
+from covidray.cluster import score_on_gpu
+from covidray.scoring.index import snapshot_index  # noqa: E402
 from covidray.stages.score import ScoreConfig, loaded_images, score_archive  # noqa: E402
-from covidray.profile import image_profile  # noqa: E402
+from covidray.imaging.profile import image_profile  # noqa: E402
 from covidray.storage import Storage, StorageSettings  # noqa: E402
 from covidray.synthetic import encode, synthetic_xray  # noqa: E402
 
@@ -122,7 +124,7 @@ def decode_only(storage: Storage, manifest: str, count: int, windows: int = 2) -
 
 
 def profiling_seconds(storage: Storage, manifest: str, count: int = 256) -> float:
-    """Core-seconds per image of the drift profile (covidray.profile.image_profile), which
+    """Core-seconds per image of the drift profile (covidray.imaging.profile.image_profile), which
     loading adds to every row: timed alone in this process, on the archive's own images."""
     decoded = []
     for uri in storage.read_table(manifest)["uri"].head(count):

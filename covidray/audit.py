@@ -22,7 +22,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from covidray.images import PAPER_RECIPE, Recipe
+from covidray.imaging.recipe import PAPER_RECIPE, Recipe
 from covidray.metrics import is_positive, roc_auc
 
 # The central region a frontal chest X-ray's lungs fill after the recipe's centre crop:

@@ -7,7 +7,7 @@ each other's seeds): the same run gives the same images whatever worker, batch o
 an image lands in.
 
 Augmentation runs on the decoded image downscaled to a working size (Augmentor costs
-~60 ms on a 1024 px image and ~5 ms at 256 px); :func:`covidray.images.to_input_pixels`
+~60 ms on a 1024 px image and ~5 ms at 256 px); :func:`covidray.imaging.recipe.to_input_pixels`
 then brings the result to the model's input, exactly as for an unaugmented image.
 """
 
@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image
 
 from covidray.config import option, seeded_hash, validate
-from covidray.images import INPUT_SIZE, resize_shorter_side
+from covidray.imaging.recipe import INPUT_SIZE, resize_shorter_side
 
 WORKING_SIZE = 256  # shorter side while augmenting
 _GLOBAL_RANDOM = threading.Lock()  # held while an image is augmented under its own seed

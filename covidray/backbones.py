@@ -25,7 +25,7 @@ from typing import Callable
 
 from torch import nn
 
-from covidray.images import IMAGENET_MEAN, IMAGENET_STD
+from covidray.imaging.recipe import IMAGENET_MEAN, IMAGENET_STD
 
 # Every ImageNet-trained file inherits ImageNet's terms of access.
 IMAGENET_TERMS = ("trained on ImageNet (ILSVRC-2012), whose terms of access allow "

@@ -100,9 +100,9 @@ def main(argv=None) -> int:
         print(f"covidray: error: {exc}", file=sys.stderr)
         return 2
     from covidray.drift import DriftDetected
-    from covidray.lease import LeaseHeld
+    from covidray.storage.lease import LeaseHeld
     from covidray.backbones import WeightsUnavailable
-    from covidray.onnx_model import ExportParityError
+    from covidray.onnx_export import ExportParityError
     from covidray.storage import StorageError
 
     try:

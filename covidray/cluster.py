@@ -2,7 +2,8 @@
 
 Ray Train workers and Ray Data tasks share the cluster's CPUs. At default resources a
 small cluster deadlocks (the workers hold every CPU and the read tasks never run), so
-:func:`plan_resources` always leaves CPUs for the data pipeline.
+:func:`plan_resources` always leaves CPUs for the data pipeline. :func:`score_on_gpu` is
+scoring's GPU policy (``--gpu``) against the cluster's resources.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import asdict, dataclass
+
+from covidray.onnx_runtime import CUDA
 
 
 @dataclass(frozen=True)
@@ -83,6 +86,35 @@ def providers_on_gpu_nodes(ray, timeout: float = 60.0) -> list[str] | None:
     except ray.exceptions.GetTimeoutError:
         ray.cancel(probe, force=True)
         return None
+
+
+GPU_POLICIES = ("auto", "on", "off")
+
+
+def score_on_gpu(policy: str, cluster: dict, gpu_node_providers) -> bool:
+    """Whether scoring runs its onnxruntime actors on GPUs: ``policy`` (``--gpu``) against the
+    cluster's resources and the onnxruntime of its GPU nodes. ``gpu_node_providers()`` asks
+    one of them (the driver may run a CPU image beside GPU workers) and returns its
+    onnxruntime's providers, or None when no GPU node answered (every GPU reserved)."""
+    if policy not in GPU_POLICIES:
+        raise ValueError(f"--gpu {policy}: expected one of {', '.join(GPU_POLICIES)}")
+    gpus = float(cluster.get("GPU", 0.0))
+    if policy == "off" or (policy == "auto" and gpus < 1):
+        return False
+    if gpus < 1:
+        raise ValueError("--gpu on, but the Ray cluster has no GPU: add GPU nodes, or score "
+                         "with --gpu auto or off")
+    providers = gpu_node_providers()
+    if providers is not None and CUDA in providers:
+        return True
+    why = ("no GPU node answered (are all its GPUs reserved?)" if providers is None else
+           "onnxruntime on the GPU nodes has no CUDA provider (install onnxruntime-gpu: the "
+           "GPU image has it)")
+    if policy == "on":
+        raise ValueError(f"--gpu on, but {why}")
+    print(f"the cluster has {gpus:g} GPU(s), but {why}: scoring on CPUs (--gpu off says this "
+          "is meant)", flush=True)
+    return False
 
 
 def alive_nodes(ray) -> int:

@@ -2,7 +2,7 @@
 
 ``covidray evaluate`` keeps a **reference profile** beside the model card
 (``drift_reference.json``, :func:`make_reference`): on the validation split, each number of
-:mod:`covidray.profile` and the score as shares of fixed bins (edges at the reference's
+:mod:`covidray.imaging.profile` and the score as shares of fixed bins (edges at the reference's
 quintiles), the categorical mixes (photometric interpretation, manufacturer, view), the
 error reasons, and the validation scores themselves (so the positive rate can be read at
 any threshold).
@@ -31,7 +31,7 @@ import numpy as np
 import pandas as pd
 
 from covidray.metrics import is_positive, wilson_interval
-from covidray.profile import NUMBERS
+from covidray.imaging.profile import NUMBERS
 
 QUANTILES = (0.2, 0.4, 0.6, 0.8)  # bin edges: the reference's quintiles
 CATEGORIES = ("photometric", "manufacturer", "view_position")

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from covidray.backbones import PAPER_BACKBONE
-from covidray.images import model_inputs
+from covidray.imaging.recipe import model_inputs
 from covidray.model import head, initial_model, recipe_for
 from covidray.storage import Storage
 

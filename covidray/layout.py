@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from covidray.location import Location, join_uri, parent_uri
+from covidray.storage.location import Location, join_uri, parent_uri
 
 CHECKPOINT_FILE = "checkpoint.pt"
 EMPTY_PART = "part-empty.parquet"

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from covidray.images import PAPER_RECIPE, Recipe, model_inputs
+from covidray.imaging.recipe import PAPER_RECIPE, Recipe, model_inputs
 from covidray.metrics import roc_auc, summarise
 from covidray.model import covid_probability, describe_weights, set_train_mode
 

@@ -24,7 +24,7 @@ from torch import nn
 from covidray.backbones import (BACKBONES, PAPER_BACKBONE, LoadedWeights, WeightsUnavailable,
                                 fitting_backbone, get_backbone, imagenet_state, sha256_of,
                                 to_covidray_keys)
-from covidray.images import Recipe
+from covidray.imaging.recipe import Recipe
 from covidray.labels import LABELS, POSITIVE_LABEL
 from covidray.storage import Storage
 

@@ -4,7 +4,7 @@ import numpy as np
 import pandas as pd
 
 from covidray import audit
-from covidray.images import normalize
+from covidray.imaging.recipe import normalize
 
 
 def test_border_test_catches_a_model_that_reads_a_corner_marker():
@@ -77,8 +77,8 @@ def test_the_exported_model_gives_the_audit_its_features_in_the_scoring_pass():
     backbone features, and the model's own scores unchanged; an int8 export has it too."""
     from covidray.features import extract_features
     from covidray.model import build_model
-    from covidray.onnx_model import (FEATURES_OUTPUT, export_onnx, model_metadata, onnx_session,
-                                     quantize_int8, with_features_output)
+    from covidray.onnx_runtime import FEATURES_OUTPUT, onnx_session, with_features_output
+    from covidray.onnx_export import export_onnx, model_metadata, quantize_int8
 
     model = build_model("none").eval()
     exported = export_onnx(model, model_metadata(0.5, "none", {}, 0))

@@ -52,7 +52,8 @@ def test_a_damaged_registry_file_is_refused_with_what_to_reinstall(tmp_path):
 
 @pytest.mark.parametrize("name", list(BACKBONES))
 def test_onnx_export_of_each_backbone_passes_parity_and_scores_with_its_recipe(name):
-    from covidray.onnx_model import OnnxScorer, export_onnx, model_metadata, parity_check
+    from covidray.onnx_runtime import OnnxScorer
+    from covidray.onnx_export import export_onnx, model_metadata, parity_check
 
     model, provenance = build_with_provenance("none", None, name)
     recipe = recipe_for(name, "percentile")
@@ -93,7 +94,7 @@ def test_frozen_protocol_ray_train_run_per_backbone(name, storage, ray_local):
     # checkpoint through the ONNX metadata to the scorer.
     from covidray.layout import RunLayout
     from covidray.model import checkpoint_recipe
-    from covidray.onnx_model import OnnxScorer
+    from covidray.onnx_runtime import OnnxScorer
 
     recipe = recipe_for(name, "percentile")
     assert checkpoint_recipe(checkpoint) == recipe
@@ -179,7 +180,8 @@ def test_training_with_another_backbones_file_fails_before_any_training(storage,
 def test_int8_export_and_the_audit_features_of_each_backbone(name):
     """The int8 model keeps the metadata and scores like the float one, and the scorer's
     extra ``features`` output (what the shortcut audit reads) is the backbone's width."""
-    from covidray.onnx_model import OnnxScorer, export_onnx, model_metadata, quantize_int8
+    from covidray.onnx_runtime import OnnxScorer
+    from covidray.onnx_export import export_onnx, model_metadata, quantize_int8
 
     model, provenance = build_with_provenance("imagenet" if name in INSTALLED else "none",
                                               None, name)

@@ -8,7 +8,8 @@ import pandas as pd
 import pytest
 
 from covidray.augment import AugmentConfig, Augmenter
-from covidray.datasets import assign_splits, grow_class, label_index, manifest_to_index
+from covidray.datasets import assign_splits, grow_class, manifest_to_index
+from covidray.labels import label_index
 from covidray.synthetic import synthetic_xray
 
 from conftest import SHARED_CXR

@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from covidray.dicom import is_dicom, read_dicom
-from covidray.images import DecodeError, preprocess
+from covidray.imaging.dicom import is_dicom, read_dicom
+from covidray.imaging.pixels import DecodeError
+from covidray.imaging.recipe import preprocess
 from covidray.layout import RunLayout, ScoreLayout
 
 

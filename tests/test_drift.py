@@ -9,7 +9,7 @@ from PIL import Image
 from covidray.cli import main
 from covidray.drift import DriftTally, bin_index, compare, make_reference, psi
 from covidray.layout import RunLayout, ScoreLayout, drift_reference_beside
-from covidray.profile import input_statistics
+from covidray.imaging.profile import input_statistics
 from covidray.stages.score import ScoreConfig, score_archive
 from covidray.synthetic import encode, synthetic_xray
 

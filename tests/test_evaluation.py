@@ -15,7 +15,7 @@ from covidray.evaluation import (average_precision, bootstrap_interval, breakdow
 from covidray.figures import histograms_by_png
 from covidray.layout import EvalLayout, RunLayout, ScoreLayout
 from covidray.metrics import is_positive
-from covidray.images import RECIPE
+from covidray.imaging.recipe import RECIPE
 from covidray.stages.evaluate import EvaluateConfig, evaluate_run
 from covidray.stages.score import ScoreConfig, score_archive
 

@@ -271,7 +271,7 @@ def test_a_frozen_server_does_not_fake_a_lost_lease(storage, prefix, s3_service)
     the new ETag (412). That is this run's own lease: it is kept, not lost."""
     import json
 
-    from covidray.lease import Lease
+    from covidray.storage.lease import Lease
 
     bounded = Storage(StorageSettings(endpoint_url=storage.settings.endpoint_url,
                                       outage_seconds=12))  # 2 s read timeouts

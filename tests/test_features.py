@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from covidray.cluster import plan_resources
-from covidray.images import model_inputs
+from covidray.imaging.recipe import model_inputs
 from covidray.features import backbone, extract_features
 from covidray.model import build_model, freeze_for, head
 from covidray.loop import evaluate, train_one_epoch

@@ -33,7 +33,7 @@ def test_training_with_use_gpu_trains_on_the_gpu(storage, ray_local, prefix):
 
 def test_scoring_sessions_run_on_cuda_where_onnxruntime_gpu_is_installed(trained_run, storage):
     from covidray.layout import RunLayout
-    from covidray.onnx_model import onnx_session
+    from covidray.onnx_runtime import onnx_session
 
     cuda_onnxruntime()
     session = onnx_session(storage.read_bytes(RunLayout(trained_run["run"]).onnx), 1, gpu=True)

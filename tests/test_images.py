@@ -6,8 +6,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from covidray.images import (IMAGENET_MEAN, IMAGENET_STD, INPUT_SIZE, DecodeError, decode_xray,
-                             normalize, preprocess, to_input_pixels)
+from covidray.imaging.recipe import (IMAGENET_MEAN, IMAGENET_STD, INPUT_SIZE, normalize,
+                                     preprocess, to_input_pixels)
+from covidray.imaging.pixels import DecodeError
+from covidray.imaging.decode import decode_xray
 
 
 def encoded(image: Image.Image, fmt: str = "PNG", **kwargs) -> bytes:

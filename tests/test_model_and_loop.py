@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from covidray.backbones import WeightsUnavailable
-from covidray.datasets import load_pixels
+from covidray.imaging.loader import load_pixels
 from covidray.model import build_model, checkpoint_bytes, freeze_for, load_weights, set_train_mode
 from covidray.synthetic import encode, synthetic_xray
 from covidray.loop import evaluate, in_memory, shuffled_batches, train_one_epoch

@@ -13,11 +13,11 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 
-from covidray.fault_points import armed
-from covidray.incremental import STATE_COLUMNS, STATE_SCHEMA, ViewChange, merged_state, reconcile
+from covidray.scoring.fault_points import armed
+from covidray.scoring.merge import STATE_COLUMNS, STATE_SCHEMA, ViewChange, merged_state, reconcile
 from covidray.metrics import predicted_labels
 from covidray.layout import RunLayout, ScoreLayout
-from covidray.lease import Lease, LeaseHeld, lapses_at
+from covidray.storage.lease import Lease, LeaseHeld, lapses_at
 from covidray.stages.score import ScoreConfig, score_archive
 from covidray.synthetic import encode, synthetic_xray
 

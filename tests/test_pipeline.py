@@ -8,23 +8,24 @@ import pandas as pd
 import pytest
 from sklearn.metrics import confusion_matrix, roc_auc_score
 
-from covidray.images import model_inputs
+from covidray.imaging.recipe import model_inputs
 from covidray.features import extract_features
-from covidray.images import RECIPE, preprocess
+from covidray.imaging.recipe import RECIPE, preprocess
 from covidray.layout import RunLayout, ScoreLayout
 from covidray.metrics import is_positive
 from covidray.model import (build_model, checkpoint_recipe, initial_model, load_checkpoint,
                             model_from_checkpoint)
-from covidray.onnx_model import (ExportParityError, export_onnx, model_metadata, onnx_session,
-                                 parity_check, read_metadata, score_on_gpu)
+from covidray.onnx_export import ExportParityError, export_onnx, model_metadata, parity_check
+from covidray.onnx_runtime import onnx_session, read_metadata
+from covidray.cluster import score_on_gpu
 from covidray.stages.export import parity_inputs
-from covidray.archive_index import snapshot_index
-from covidray.fault_points import armed
-from covidray.metrics_files import sorted_labelled_scores
-from covidray.result_parts import RESULT_PART_ROWS
+from covidray.scoring.index import snapshot_index
+from covidray.scoring.fault_points import armed
+from covidray.scoring.metrics_files import sorted_labelled_scores
+from covidray.scoring.parts import RESULT_PART_ROWS
 from covidray.stages.score import ScoreConfig, loaded_images, score_archive
 from covidray.stages.train import TrainConfig, fit, image_stream, latest_checkpoint
-from covidray.location import Location, StorageError
+from covidray.storage.location import Location, StorageError
 from covidray.synthetic import encode, synthetic_xray
 
 from conftest import process_tree, upload_synthetic
@@ -155,7 +156,7 @@ def test_training_export_and_scoring_preprocess_identically(storage, trained_run
     """The same file through the three real pipelines gives bit-identical model input, with
     one recipe: the one the checkpoint's backbone names, which export writes into the ONNX
     metadata and the scorer rebuilds from there."""
-    from covidray.onnx_model import OnnxScorer
+    from covidray.onnx_runtime import OnnxScorer
 
     layout = RunLayout(trained_run["run"])
     recipe = checkpoint_recipe(load_checkpoint(storage, layout.model_checkpoint))
@@ -394,7 +395,7 @@ def test_the_cuda_of_onnxruntime_gpu_and_of_torch_must_agree(monkeypatch):
 
     import torch
 
-    from covidray.onnx_model import cuda_mismatch
+    from covidray.onnx_runtime import cuda_mismatch
 
     monkeypatch.setitem(sys.modules, "onnxruntime.capi.build_and_package_info",
                         types.SimpleNamespace(cuda_version="13.0"))

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from covidray.location import Location
+from covidray.storage.location import Location
 from covidray.storage import Storage, StorageError, StorageSettings
 
 from conftest import BUCKET, free_port

@@ -167,9 +167,12 @@ def test_no_library_file_is_over_450_lines():
 
 
 def test_one_onnx_scorer():
-    """The exported model is run by OnnxScorer alone (no second scoring pass elsewhere)."""
-    for path in module_files().values():
-        assert not re.search(r"def (onnx_pass|onnx_scores|_max_diff)\b", open(path).read()), path
+    """The exported model is run by onnxruntime in one module: OnnxScorer's (export's parity
+    check, which compares raw logits with torch, is the one other session user). A second
+    scorer, under any name, would have to open a session."""
+    users = {os.path.relpath(path, REPO) for path in module_files().values()
+             if re.search(r"InferenceSession|onnx_session\(", open(path).read())}
+    assert users == {"covidray/onnx_runtime.py", "covidray/onnx_export.py"}
 
 
 @pytest.mark.parametrize("stage", [s.name for s in STAGES])
@@ -213,6 +216,21 @@ def test_the_code_layout_table_matches_the_files():
                                                           recursive=True)}
     actual = {p for p in actual if not p.endswith("__init__.py")}
     assert named == actual
+
+
+def test_every_file_imports_only_files_above_it_in_the_code_layout_table():
+    """The table is the house's plan, storage at the bottom and the CLI on top: a file that
+    imports one listed below it is an arrow running back up."""
+    section = doc("docs/development.md").split("## Code layout")[1].split("\n## ")[0]
+    rows = [set(re.findall(r"`(covidray/[^`]+\.py)`", cell))
+            for cell in re.findall(r"^\| ([^|]+) \|", section, re.M)]
+    floor = {path[:-3].replace("/", "."): i for i, row in enumerate(rows) for path in row}
+    graph = import_graph()
+    for face in [m for m in graph if m not in floor]:  # a package's face: where its names live
+        floor[face] = max((floor[m] for m in graph[face] if m in floor), default=0)
+    for module, imported in graph.items():
+        above = {m for m in imported if floor[m] > floor[module]}
+        assert not above, f"{module} imports {above}, listed below it in docs/development.md"
 
 
 # Each default below must be written exactly once in the package: the grep the issue asks for.

@@ -14,14 +14,15 @@ import pandas as pd
 
 from covidray import audit, figures
 from covidray.config import DEFAULT_SEED, option, to_dict, validate
-from covidray.datasets import pixels_of, split_rows
+from covidray.imaging.loader import pixels_of
+from covidray.datasets import split_rows
 from covidray.drift import DriftTally, compare, make_reference
 from covidray.evaluation import evaluate_split, labelled, with_columns
 from covidray.layout import EvalLayout, RunLayout, ScoreLayout
 from covidray.backbones import get_backbone
 from covidray.model import checkpoint_recipe, load_checkpoint, model_from_checkpoint
 from covidray.model_card import build_model_card
-from covidray.onnx_model import OnnxScorer
+from covidray.onnx_runtime import OnnxScorer
 from covidray.report import write_report
 from covidray.stages.score import ScoreConfig, score_archive
 from covidray.storage import Storage

@@ -8,12 +8,13 @@ import numpy as np
 import pandas as pd
 
 from covidray.config import option, to_dict, validate
-from covidray.datasets import pixels_of
+from covidray.imaging.loader import pixels_of
 from covidray.layout import RunLayout
-from covidray.images import Recipe
+from covidray.imaging.recipe import Recipe
 from covidray.model import checkpoint_recipe, load_checkpoint, model_from_checkpoint
-from covidray.onnx_model import (ExportParityError, OnnxScorer, export_onnx, model_metadata,
-                                 parity_check, quantize_int8)
+from covidray.onnx_export import (ExportParityError, export_onnx, model_metadata, parity_check,
+                                  quantize_int8)
+from covidray.onnx_runtime import OnnxScorer
 from covidray.storage import Storage
 
 PARITY_IMAGES = 16

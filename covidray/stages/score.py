@@ -1,11 +1,11 @@
 """``covidray score``: score an X-ray archive with onnxruntime on Ray Data.
 
 One run: take the output's lease -> read the archive's index once into a snapshot the run
-owns (:mod:`covidray.archive_index`) -> (``--incremental``: keep only objects this model has
-not scored, :mod:`covidray.nightly`) -> one Ray Data execution (decode in tasks,
-:class:`covidray.onnx_model.OnnxScorer` in an actor pool) whose result batches the driver
+owns (:mod:`covidray.scoring.index`) -> (``--incremental``: keep only objects this model has
+not scored, :mod:`covidray.scoring.nightly`) -> one Ray Data execution (decode in tasks,
+:class:`covidray.onnx_runtime.OnnxScorer` in an actor pool) whose result batches the driver
 writes as ``predictions/`` and ``errors/`` parts as they arrive, printing progress
-(:mod:`covidray.result_parts`) -> metrics (labelled archives, :mod:`covidray.metrics_files`)
+(:mod:`covidray.scoring.parts`) -> metrics (labelled archives, :mod:`covidray.scoring.metrics_files`)
 -> ``_SUCCESS.json`` last, and only when every listed image is in exactly one of
 ``predictions`` or ``errors``.
 
@@ -24,22 +24,24 @@ from dataclasses import dataclass, replace
 
 import pandas as pd
 
-from covidray import fault_points
-from covidray.archive_index import snapshot_index
+from covidray.scoring import fault_points
+from covidray.scoring.index import snapshot_index
 from covidray.config import option, to_dict, validate
-from covidray.datasets import LOADED_COLUMNS, is_manifest, load_pixels
+from covidray.imaging.loader import LOADED_COLUMNS, load_pixels
+from covidray.datasets import is_manifest
 from covidray.drift import DriftDetected, DriftTally, compare, verdict
-from covidray.images import INPUT_SIZE
+from covidray.imaging.recipe import INPUT_SIZE
 from covidray.layout import ScoreLayout
-from covidray.lease import Lease
-from covidray.location import Location
-from covidray.metrics_files import publish_metrics
-from covidray.nightly import NightlyView, read_current
-from covidray.onnx_model import GPU_POLICIES, OnnxScorer, score_on_gpu
-from covidray.result_parts import CARRIED, PartWriter, write_empty_parts
-from covidray.scoring_model import ModelToScore, model_to_score
+from covidray.storage.lease import Lease
+from covidray.storage.location import Location
+from covidray.scoring.metrics_files import publish_metrics
+from covidray.scoring.nightly import NightlyView, read_current
+from covidray.cluster import GPU_POLICIES, score_on_gpu
+from covidray.onnx_runtime import OnnxScorer
+from covidray.scoring.parts import CARRIED, PartWriter, write_empty_parts
+from covidray.scoring.model import ModelToScore, model_to_score
 from covidray.storage import Storage
-from covidray.views import VIEW_POLICIES
+from covidray.imaging.views import VIEW_POLICIES
 
 
 @dataclass(frozen=True)

@@ -21,17 +21,18 @@ from torch import nn
 
 from covidray.augment import AugmentConfig, Augmenter
 from covidray.config import DEFAULT_SEED, from_dict, option, to_dict, validate
-from covidray.datasets import INDEX_COLUMNS, assign_splits, grow_class, load_index, load_pixels
+from covidray.datasets import INDEX_COLUMNS, assign_splits, grow_class, load_index
+from covidray.imaging.loader import load_pixels
 from covidray.labels import POSITIVE_LABEL
 from covidray.layout import CHECKPOINT_FILE, RunLayout
 from covidray.loop import (evaluate, in_memory, make_checkpoint, ordered_batches,
                            shuffled_batches, train_one_epoch)
 from covidray.backbones import BACKBONES, PAPER_BACKBONE
-from covidray.images import WINDOWS
+from covidray.imaging.recipe import WINDOWS
 from covidray.model import (TRAIN_LAYERS, build_with_provenance, checkpoint_bytes,
                             checkpoint_from_bytes, freeze_for, head, initial_model,
                             load_checkpoint, recipe_for, resolve_weights)
-from covidray.location import Location
+from covidray.storage.location import Location
 from covidray.storage import Storage
 
 # Presets are config values: "paper" is TrainConfig's defaults; the others change a few.

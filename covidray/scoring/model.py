@@ -7,9 +7,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from covidray.layout import drift_reference_beside, model_card_beside
-from covidray.location import StorageError
+from covidray.storage.location import StorageError
 from covidray.model_card import model_digest, scoring_threshold
-from covidray.onnx_model import OnnxScorer
+from covidray.onnx_runtime import OnnxScorer
 from covidray.storage import Storage
 
 

@@ -11,11 +11,12 @@ import time
 
 import pandas as pd
 
-from covidray.datasets import ARCHIVE_COLUMNS, LOADED_COLUMNS
-from covidray.incremental import state_table
+from covidray.datasets import ARCHIVE_COLUMNS
+from covidray.imaging.loader import LOADED_COLUMNS
+from covidray.scoring.merge import state_table
 from covidray.layout import EMPTY_PART, ScoreLayout
-from covidray.location import name_of
-from covidray.profile import NUMBERS
+from covidray.storage.location import name_of
+from covidray.imaging.profile import NUMBERS
 from covidray.storage import Storage
 
 IDENTITY_COLUMNS = ["etag", "size"]  # with the uri: which version of an object was scored

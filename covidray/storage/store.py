@@ -1,8 +1,8 @@
 """Where data lives: ``s3://bucket/prefix`` or a local path, and how to reach it.
 
 :class:`Storage` is the one facade every stage uses. It parses each URI into a
-:class:`~covidray.location.Location` and hands it to the backend for its scheme:
-:class:`~covidray.local_files.LocalFiles` for paths, :class:`~covidray.s3_objects.S3Objects`
+:class:`~covidray.storage.location.Location` and hands it to the backend for its scheme:
+:class:`~covidray.storage.local.LocalFiles` for paths, :class:`~covidray.storage.s3.S3Objects`
 for ``s3://`` (where every request rides out outages by one rule). What does not depend on
 the backend -- JSON, tables, prefixes -- is written here once.
 
@@ -19,47 +19,13 @@ from __future__ import annotations
 
 import io
 import json
-import os
 from dataclasses import dataclass, field
 from typing import BinaryIO, Iterator
 
-from covidray.local_files import LocalFiles
-from covidray.location import Location, StorageError, StorageOutage, as_location
-from covidray.s3_objects import S3Objects, is_transient
-
-__all__ = ["Storage", "StorageError", "StorageOutage", "StorageSettings", "is_transient"]
-
-
-@dataclass(frozen=True)
-class StorageSettings:
-    """How to reach S3-compatible storage. Empty fields fall back to the AWS defaults."""
-
-    endpoint_url: str | None = None  # e.g. http://127.0.0.1:8333; None means AWS itself
-    region: str | None = None
-    profile: str | None = None  # a named profile from ~/.aws/config
-    # Transient errors (connection refused/reset, timeouts, 5xx, throttling) are retried
-    # with backoff for up to this long before a run gives up (and publishes nothing).
-    outage_seconds: float = 120.0
-
-    def __post_init__(self):
-        endpoint = self.endpoint_url
-        if endpoint and not endpoint.startswith(("http://", "https://")):
-            raise StorageError(f"S3 endpoint '{endpoint}' has no scheme: write "
-                               f"http://{endpoint} or https://{endpoint} (--s3-endpoint / "
-                               "AWS_ENDPOINT_URL)")
-
-    @classmethod
-    def from_env(cls, endpoint_url: str | None = None, region: str | None = None,
-                 profile: str | None = None, outage_seconds: float | None = None
-                 ) -> "StorageSettings":
-        """Explicit values win; otherwise the standard AWS environment variables."""
-        extra = {} if outage_seconds is None else {"outage_seconds": outage_seconds}
-        return cls(
-            endpoint_url=endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3")
-            or os.environ.get("AWS_ENDPOINT_URL") or None,
-            region=region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
-            or None,
-            profile=profile or os.environ.get("AWS_PROFILE") or None, **extra)
+from covidray.storage.local import LocalFiles
+from covidray.storage.location import Location, as_location
+from covidray.storage.s3 import S3Objects
+from covidray.storage.settings import StorageSettings
 
 
 _LOCAL = LocalFiles()

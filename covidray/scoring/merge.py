@@ -31,7 +31,6 @@ STATE_SCHEMA = pa.schema([("uri", pa.string()), ("etag", pa.string()), ("size", 
                           ("score", pa.float64()), ("prediction", pa.string()),
                           ("threshold", pa.float64()), ("error", pa.string())])
 STATE_COLUMNS = STATE_SCHEMA.names  # the key, the run, then the result
-UNKNOWN_ETAG, UNKNOWN_SIZE = "", -1  # not known (yet): a manifest row without them
 _TEXT = [f.name for f in STATE_SCHEMA if f.type == pa.string() and f.name != "run"]
 
 

@@ -4,7 +4,7 @@ S3-compatible server (SeaweedFS, MinIO, Ceph), through boto3.
 Every request goes through :meth:`S3Objects.riding_out_outages`, the one retry rule:
 transient failures (connection refused or reset, timeouts, 5xx, throttling) are retried
 with backoff for up to ``StorageSettings.outage_seconds``, then the run fails with
-:class:`covidray.location.StorageOutage`; a permanent failure (missing object, refused
+:class:`covidray.storage.location.StorageOutage`; a permanent failure (missing object, refused
 credential) raises at once.
 """
 
@@ -18,7 +18,7 @@ import time
 from typing import Iterator
 from urllib.parse import urlparse
 
-from covidray.location import Location, StorageError, StorageOutage
+from covidray.storage.location import Location, StorageError, StorageOutage
 
 DEFAULT_REGION = "us-east-1"
 CONNECT_TIMEOUT_S = 3

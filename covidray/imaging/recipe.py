@@ -15,20 +15,16 @@ The recipe has two halves so that the expensive part can stream as compact uint8
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageFile, UnidentifiedImageError
+from PIL import Image
 
-from covidray.dicom import DICOM_COLUMNS, dicom_pixels, is_dicom, read_dicom
-from covidray.pixels import DecodeError, check_dimensions, min_max_to_8bit
-from covidray.profile import picture_bit_depth
+from covidray.imaging.decode import decode_xray, to_8bit_gray
 
 INPUT_SIZE = 224
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".dicom")
 RECIPE_NAME = "covidray-grayscale-v1"
 # How normalize() sets each image's contrast before the backbone's mean/std:
 #   none: as decoded (the paper);
@@ -116,69 +112,6 @@ def contrast_window(pixels: np.ndarray, window: str) -> np.ndarray:
 PAPER_RECIPE = Recipe()
 RECIPE = PAPER_RECIPE.describe()
 
-# A truncated file must fail loudly, never be silently padded with grey.
-ImageFile.LOAD_TRUNCATED_IMAGES = False
-
-
-def decode_xray(data: bytes) -> Image.Image:
-    """Decode DICOM or PNG/JPEG/TIFF/BMP bytes (8/16-bit gray, RGB, RGBA, palette) to an
-    8-bit ``L`` image."""
-    return decode_with_tags(data)[0]
-
-
-def declared_pixels(data: bytes) -> int:
-    """How many pixels the file says it holds, from its header alone (0 where the header
-    cannot be read: decoding then says why)."""
-    try:
-        if is_dicom(data):
-            return dicom_pixels(data)
-        width, height = Image.open(io.BytesIO(data)).size
-        return width * height
-    except Exception:
-        return 0
-
-
-def decode_with_tags(data: bytes) -> tuple[Image.Image, dict]:
-    """:func:`decode_xray`, with the DICOM tags of :data:`DICOM_COLUMNS` (empty strings for
-    other formats), the file's ``bit_depth`` and its ``photometric`` interpretation (DICOM's,
-    else the PIL mode it was stored in)."""
-    if not data:
-        raise DecodeError("empty file (0 bytes)")
-    if is_dicom(data):
-        return read_dicom(data)
-    image, mode = _decode_picture(data)
-    return image, {**dict.fromkeys(DICOM_COLUMNS, ""), "bit_depth": picture_bit_depth(mode),
-                   "photometric": mode}
-
-
-def _decode_picture(data: bytes) -> tuple[Image.Image, str]:
-    """Picture bytes -> (8-bit ``L`` image, the mode they were stored in)."""
-    try:
-        image = Image.open(io.BytesIO(data))  # reads the header only
-        check_dimensions(*image.size)
-        image.load()
-    except DecodeError:
-        raise
-    except UnidentifiedImageError:
-        raise DecodeError("not an image: format not recognised") from None
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise DecodeError(f"corrupt or truncated image: {exc}") from None
-    except Image.DecompressionBombError as exc:
-        raise DecodeError(f"image too large: {exc}") from None
-    return _to_8bit_gray(image), image.mode
-
-
-def _to_8bit_gray(image: Image.Image) -> Image.Image:
-    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        return min_max_to_8bit(np.asarray(image))
-    if image.mode == "P" and "transparency" in image.info:
-        image = image.convert("RGBA")
-    if image.mode in ("RGBA", "LA", "PA"):
-        background = Image.new("RGBA", image.size, (0, 0, 0, 255))
-        image = Image.alpha_composite(background, image.convert("RGBA"))
-    return image if image.mode == "L" else image.convert("L")
-
-
 def resize_shorter_side(image: Image.Image, size: int) -> Image.Image:
     width, height = image.size
     scale = size / min(width, height)
@@ -197,7 +130,7 @@ def center_crop(image: Image.Image, size: int) -> Image.Image:
 def to_input_pixels(image: Image.Image) -> np.ndarray:
     """An 8-bit grayscale image -> ``uint8[224, 224]`` (resize shorter side, centre crop)."""
     if image.mode != "L":
-        image = _to_8bit_gray(image)
+        image = to_8bit_gray(image)
     image = center_crop(resize_shorter_side(image, INPUT_SIZE), INPUT_SIZE)
     return np.asarray(image, dtype=np.uint8)
 

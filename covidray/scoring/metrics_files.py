@@ -14,7 +14,7 @@ from covidray.labels import LABELS, label_index
 from covidray.layout import ScoreLayout
 from covidray.metrics import (PAPER_THRESHOLDS, ScoreSummary, SortedAUC, metrics_report,
                               sweep_csv, sweep_thresholds)
-from covidray.result_parts import RESULT_PART_ROWS, parquet_parts_under
+from covidray.scoring.parts import RESULT_PART_ROWS, parquet_parts_under
 from covidray.storage import Storage
 
 

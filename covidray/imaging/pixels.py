@@ -1,5 +1,5 @@
-"""Pixel-level pieces shared by the image decoders (:mod:`covidray.images` for PNG, JPEG,
-TIFF, BMP; :mod:`covidray.dicom`): the decode error, the memory bounds checked from a
+"""Pixel-level pieces shared by the image decoders (:mod:`covidray.imaging.recipe` for PNG, JPEG,
+TIFF, BMP; :mod:`covidray.imaging.dicom`): the decode error, the memory bounds checked from a
 header, and the min-max window for high-bit-depth data."""
 
 from __future__ import annotations

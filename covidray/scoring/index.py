@@ -16,10 +16,10 @@ import pandas as pd
 
 from covidray.datasets import (is_manifest, iter_prefix_rows, manifest_frames, manifest_to_index,
                                normalise_index)
-from covidray.images import IMAGE_SUFFIXES
-from covidray.incremental import UNKNOWN_ETAG, UNKNOWN_SIZE
-from covidray.location import Location, StorageError
-from covidray.result_parts import CARRIED, parquet_parts_under
+from covidray.imaging.decode import IMAGE_SUFFIXES
+from covidray.imaging.loader import UNKNOWN_ETAG, UNKNOWN_SIZE
+from covidray.storage.location import Location, StorageError
+from covidray.scoring.parts import CARRIED, parquet_parts_under
 from covidray.storage import Storage
 
 INDEX_PART_ROWS = 256  # rows per snapshot part: a part is a block, and blocks decode in parallel

@@ -13,7 +13,7 @@ import shutil
 import tempfile
 from typing import BinaryIO, Iterator
 
-from covidray.location import Location, StorageError
+from covidray.storage.location import Location, StorageError
 
 
 def local_etag(path: str) -> str:

@@ -9,7 +9,7 @@ inverted (so bone is bright in every image) -> 8-bit. Compressed transfer syntax
 (JPEG 2000, JPEG lossless / baseline, JPEG-LS, RLE) decode through the pylibjpeg plugins
 or GDCM. Anything else -- another photometric interpretation, no pixel data, several
 frames, a transfer syntax no installed decoder reads -- raises
-:class:`~covidray.pixels.DecodeError` with the reason, which lands in the errors table.
+:class:`~covidray.imaging.pixels.DecodeError` with the reason, which lands in the errors table.
 
 Patient identifiers (name, ID, birth date) are never read into outputs.
 """
@@ -21,7 +21,7 @@ import io
 import numpy as np
 from PIL import Image
 
-from covidray.pixels import DecodeError, check_dimensions, min_max_to_8bit
+from covidray.imaging.pixels import DecodeError, check_dimensions, min_max_to_8bit
 
 # Columns every loaded row carries (empty for files without the tag, or not DICOM).
 DICOM_COLUMNS = ("study_uid", "sop_uid", "view_position", "modality", "manufacturer")

@@ -3,7 +3,7 @@ to it.
 
 ``<output>/_CURRENT.json`` names the committed run parts and the state table
 (``<output>/state/<run>/``): one row per object the archive lists now, with its latest
-result, at the latest run's threshold (:mod:`covidray.incremental` has the merge rules).
+result, at the latest run's threshold (:mod:`covidray.scoring.merge` has the merge rules).
 A run reads the view it starts from (:func:`read_current`), adopts what killed runs of the
 same model left (:meth:`NightlyView.adopt_killed_runs`), merges its listing with the view
 to find what to score (:meth:`NightlyView.stage_todo`), writes the next state generation
@@ -18,15 +18,15 @@ import io
 
 import pandas as pd
 
-from covidray.archive_index import same_archive, staged_index, with_identity
+from covidray.scoring.index import same_archive, staged_index, with_identity
 from covidray.drift import history_row
 from covidray.datasets import is_manifest
-from covidray.incremental import (STATE_COLUMNS, STATE_SCHEMA, ViewChange, frames_of,
-                                  merged_state, reconcile, rows, state_frame)
+from covidray.scoring.merge import (STATE_COLUMNS, STATE_SCHEMA, ViewChange, frames_of,
+                                    merged_state, reconcile, rows, state_frame)
 from covidray.labels import LABELS
 from covidray.layout import ScoreLayout
-from covidray.location import name_of
-from covidray.result_parts import parquet_parts, result_parts
+from covidray.storage.location import name_of
+from covidray.scoring.parts import parquet_parts, result_parts
 from covidray.storage import Storage
 
 STATE_PART_ROWS = 50_000
