@@ -60,7 +60,8 @@ from covidray.onnx_export import export_onnx, model_metadata
 from covidray.onnx_runtime import onnx_session
 from covidray.cluster import score_on_gpu
 from covidray.scoring.index import snapshot_index  # noqa: E402
-from covidray.stages.score import ScoreConfig, loaded_images, score_archive  # noqa: E402
+from covidray.scoring.pipeline import loaded_images  # noqa: E402
+from covidray.stages.score import ScoreConfig, score_archive  # noqa: E402
 from covidray.imaging.profile import image_profile  # noqa: E402
 from covidray.storage import Storage, StorageSettings  # noqa: E402
 from covidray.synthetic import encode, synthetic_xray  # noqa: E402

@@ -18,8 +18,8 @@ from sklearn.metrics import average_precision_score, brier_score_loss
 
 from covidray.config import DEFAULT_SEED
 from covidray.labels import LABELS, POSITIVE_LABEL
-from covidray.metrics import (PAPER_THRESHOLDS, ConfusionCounts, is_positive, json_number,
-                              json_numbers, roc_auc, summarise, wilson_interval)
+from covidray.metrics import (PAPER_THRESHOLDS, POSITIVE_RULE, ConfusionCounts, is_positive,
+                              json_number, json_numbers, roc_auc, summarise, wilson_interval)
 
 def average_precision(scores, targets) -> float:
     """Area under the precision-recall curve (scikit-learn's average precision); NaN
@@ -154,7 +154,7 @@ def evaluate_split(val: pd.DataFrame, test: pd.DataFrame, target_sensitivity: fl
         "calibration": calibration(scores, targets),
         "breakdown": {column: breakdown(test, column, threshold) for column in breakdown_columns
                       if column in test.columns},
-        "positive_rule": "score >= threshold",
+        "positive_rule": POSITIVE_RULE,
         "predicted_positive_at_threshold": int(is_positive(scores, threshold).sum()),
     }
 

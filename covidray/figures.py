@@ -1,4 +1,11 @@
-"""PNG figures of the evaluation: confusion matrices and the score histogram (paper Fig. 3/4)."""
+"""PNG figures, each a function of numbers already computed (no model, no storage):
+
+- scoring's metrics: confusion matrices (counts and rates) and the score histogram (the
+  paper's Fig. 3/4);
+- the evaluation report: ROC and precision-recall curves, calibration, score histograms
+  by source or view, the forest plot of subgroups, Grad-CAM saliency, the shortcut audit;
+- the drift watch: one run against the reference, and the nightly history.
+"""
 
 from __future__ import annotations
 

@@ -15,6 +15,18 @@ CHECKPOINT_FILE = "checkpoint.pt"
 EMPTY_PART = "part-empty.parquet"
 
 
+def part_name(number: int, run_id: str | None = None) -> str:
+    """The file name of a table's ``number``-th Parquet part: ``part-00000.parquet``, or
+    ``<run>-00000.parquet`` for a result part a run wrote (so a part says which run made
+    it, :func:`written_by`)."""
+    return f"{run_id or 'part'}-{number:05d}.parquet"
+
+
+def written_by(name: str, run_id: str) -> bool:
+    """Whether the part file ``name`` is one that run ``run_id`` wrote (:func:`part_name`)."""
+    return name.startswith(run_id + "-")
+
+
 def model_card_beside(model_uri: str) -> str:
     """The model card travels with the model: ``model_card.json`` in the same folder."""
     return join_uri(parent_uri(model_uri), "model_card.json")

@@ -18,6 +18,7 @@ from covidray.labels import LABELS
 PAPER_THRESHOLDS = (0.10, 0.15, 0.20, 0.25)
 HISTOGRAM_BINS = 50
 Z_95 = 1.959963984540054  # two-sided normal quantile of a 95% interval
+POSITIVE_RULE = "score >= threshold"  # what is_positive decides, as every output states it
 
 
 def is_positive(scores, threshold: float) -> np.ndarray:
@@ -232,7 +233,7 @@ def metrics_report(summary: ScoreSummary, auc: float, operating_threshold: float
     operating = summary.counts_at(operating_threshold)
     edges = np.linspace(0.0, 1.0, HISTOGRAM_BINS + 1)
     return {
-        "positive_rule": "score >= threshold",
+        "positive_rule": POSITIVE_RULE,
         "images": summary.n_positive + summary.n_negative,
         "covid": summary.n_positive,
         "non_covid": summary.n_negative,

@@ -13,6 +13,7 @@ import json
 import pandas as pd
 
 from covidray.labels import LABELS, POSITIVE_LABEL
+from covidray.metrics import POSITIVE_RULE
 
 INTENDED_USE = ("Research and triage support on chest X-rays only: ranks images for review. "
                 "Not a diagnostic device; not validated for clinical decisions. Check the "
@@ -64,7 +65,7 @@ def build_model_card(model_uri: str, digest: str, metadata: dict, splits: pd.Dat
         "epochs_trained": metadata.get("epochs_trained"),
         "training_data": data_summary(splits),
         "operating_point": {
-            "threshold": operating["threshold"], "rule": "score >= threshold",
+            "threshold": operating["threshold"], "rule": POSITIVE_RULE,
             "chosen_on": operating["chosen_on"],
             "how": f"highest threshold whose {operating['chosen_on']} sensitivity reaches "
                    f"{operating['target_sensitivity']}",

@@ -19,8 +19,8 @@ import pandas as pd
 from covidray import figures
 from covidray.drift import verdict
 from covidray.layout import EvalLayout
-from covidray.metrics import (PAPER_THRESHOLDS, decimal, metrics_report, percent, summarise,
-                              sweep_thresholds)
+from covidray.metrics import (PAPER_THRESHOLDS, POSITIVE_RULE, decimal, metrics_report, percent,
+                              summarise, sweep_thresholds)
 from covidray.storage import Storage
 
 PAPER_TABLE_1 = {"0.10": (1.000, 0.725), "0.15": (0.976, 0.899), "0.20": (0.943, 0.919),
@@ -177,7 +177,7 @@ def summary_blocks(result: dict) -> list:
                          "positives, false positives and false negatives of each split. Share "
                          "of each map inside the central lung region (1.0 = all of it):"),
                    ("ul", items)]
-    blocks.append(("p", "Positive means score >= threshold. Sensitivity/specificity at the "
+    blocks.append(("p", f"Positive means {POSITIVE_RULE}. Sensitivity/specificity at the "
                         "operating point use the threshold chosen on validation only."))
     return blocks
 

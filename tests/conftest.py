@@ -139,3 +139,21 @@ def trained_run(storage, ray_local):
     report = export_run(ExportConfig(run=config.run), storage)
     return {"root": root, "manifest": manifest, "run": config.run, "config": config,
             "train": summary, "export": report}
+
+
+def bad_archive(storage, root):
+    """A labelled prefix archive with a truncated JPEG, an empty file and a text '.png'."""
+    import numpy as np
+
+    from covidray.synthetic import encode, synthetic_xray
+
+    rng = np.random.default_rng(5)
+    for i in range(6):
+        label = "covid" if i % 2 else "non_covid"
+        storage.write_bytes(f"{root}/{label}/img-{i}.{'png' if i % 3 else 'jpg'}",
+                            encode(synthetic_xray(label == "covid", rng), "png" if i % 3 else "jpg"))
+    good_jpeg = encode(synthetic_xray(False, rng), "jpg")
+    storage.write_bytes(f"{root}/non_covid/truncated.jpg", good_jpeg[: len(good_jpeg) // 2])
+    storage.write_bytes(f"{root}/covid/empty.png", b"")
+    storage.write_bytes(f"{root}/covid/text.png", b"not an image at all")
+    storage.write_bytes(f"{root}/README.txt", b"not listed: not an image suffix")

@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 import s3_server
 from covidray.layout import RunLayout, ScoreLayout
+from covidray.scoring.fault_points import armed
 from covidray.stages.score import ScoreConfig, score_archive
 from covidray.storage import Storage, StorageOutage, StorageSettings
 from covidray.synthetic import encode, synthetic_xray
@@ -28,44 +29,41 @@ def small_archive(storage, root: str, n: int) -> str:
     return storage.write_table(f"{root}/manifest.csv", pd.DataFrame(rows))
 
 
-def started(storage, output: str):
-    """Whether a scoring run into ``output`` has begun writing (its staging folder)."""
-    return lambda: any(True for _ in storage.list_files(ScoreLayout(output).staging))
-
-
-def outage_during(s3_service, has_started, after: float, down_for: float):
-    """A thread that waits for ``has_started()``, then stops the S3 server for ``down_for``
-    seconds (restarting it on the same directory and port)."""
+def outage_at_the_first_part(s3_service, down_for: float) -> threading.Thread:
+    """A thread, not yet started, that the run starts at its first written result part (a
+    fault point): the S3 server stops there, mid-run, for ``down_for`` seconds (then starts
+    again on the same directory and port)."""
     def run():
-        deadline = time.monotonic() + 120
-        while not has_started() and time.monotonic() < deadline:
-            time.sleep(0.2)
-        time.sleep(after)
-        s3_server.stop(s3_service["directory"])
         time.sleep(down_for)
         s3_server.start(s3_service["directory"], s3_service["port"])
 
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    return thread
+    return threading.Thread(target=run, daemon=True)
 
 
-def score_through_an_outage(storage, run, prefix, s3_service, down_for: float, bound: float,
-                            after: float = 3.0):
-    """Score 400 images while the S3 server is down for ``down_for`` seconds, riding out
-    outages up to ``bound`` seconds; returns (output, the summary or the exception)."""
+def score_through_an_outage(storage, run, prefix, s3_service, down_for: float, bound: float):
+    """Score 400 images while the S3 server is down for ``down_for`` seconds from the run's
+    first result part on, riding out outages up to ``bound`` seconds; returns (output, the
+    summary or the exception)."""
     manifest = small_archive(storage, f"{prefix}/archive", 400)
     output = f"{prefix}/out"
-    outage = outage_during(s3_service, started(storage, output), after, down_for)
+    restart = outage_at_the_first_part(s3_service, down_for)
+
+    def the_server_stops(part):
+        if restart.ident is None:  # the first part only
+            s3_server.stop(s3_service["directory"])
+            restart.start()
+
     bounded = Storage(StorageSettings(endpoint_url=storage.settings.endpoint_url,
                                       outage_seconds=bound))
-    try:
-        result = score_archive(ScoreConfig(manifest, RunLayout(run).onnx, output,
-                                           batch_size=16), bounded)
-    except Exception as exc:
-        result = exc
-    outage.join(timeout=60)
-    assert not outage.is_alive()
+    with armed("scoring.part_written", the_server_stops):
+        try:
+            result = score_archive(ScoreConfig(manifest, RunLayout(run).onnx, output,
+                                               batch_size=16, progress_seconds=0.5), bounded)
+        except Exception as exc:
+            result = exc
+    assert restart.ident is not None, "the run wrote no part before it ended"
+    restart.join(timeout=60)
+    assert not restart.is_alive()
     return output, result
 
 
@@ -112,7 +110,7 @@ def test_an_outage_longer_than_the_bound_fails_and_leaves_the_last_result_in_pla
                               storage)
     began = time.monotonic()
     output, failure = score_through_an_outage(storage, trained_run["run"], prefix, s3_service,
-                                              down_for=15.0, bound=4, after=1.0)
+                                              down_for=15.0, bound=4)
     assert isinstance(failure, Exception), failure
     assert time.monotonic() - began < 120
     assert "kept failing for 4 s" in str(failure) or isinstance(failure, StorageOutage)
@@ -165,15 +163,25 @@ def test_an_inference_actor_killed_mid_run_is_restarted_and_the_counts_reconcile
         storage, trained_run, prefix, ray_local):
     """SIGKILL the onnxruntime actor's process while it scores: Ray restarts it, its batches
     are retried, and every image ends in predictions exactly once."""
+    import os
+    import signal
+    import subprocess
+
     manifest = small_archive(storage, f"{prefix}/archive", 400)
     output = f"{prefix}/out"
-    # once the run has started, let the actor score a few batches, then kill it
-    killer = kill_processes_when("OnnxScorer", started(storage, output), settle=2.0,
-                                 timeout=120)
-    summary = score_archive(ScoreConfig(manifest, RunLayout(trained_run["run"]).onnx, output,
-                                        batch_size=16), storage)
-    killer.join(timeout=10)
-    killed = killer.killed
+    killed: list[str] = []
+
+    def kill_the_actor(part):  # at the first result part: the actor has scored a batch
+        if not killed:
+            killed.extend(subprocess.run(["pgrep", "-f", "OnnxScorer"], capture_output=True,
+                                         text=True).stdout.split())
+            for pid in killed:
+                os.kill(int(pid), signal.SIGKILL)
+
+    with armed("scoring.part_written", kill_the_actor):
+        summary = score_archive(ScoreConfig(manifest, RunLayout(trained_run["run"]).onnx,
+                                            output, batch_size=16, progress_seconds=0.5),
+                                storage)
     assert killed, "no onnxruntime actor was found to kill"
     assert (summary["listed"], summary["scored"], summary["failed"]) == (400, 400, 0)
     predictions = storage.read_parquet_dir(ScoreLayout(output).predictions)

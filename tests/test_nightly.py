@@ -323,3 +323,47 @@ def test_a_manifest_without_etags_still_sees_an_object_rewritten_under_its_key(
     assert view.loc[uris[1], "run"] == second["run"]
     assert (view.loc[uris[1], "etag"], view.loc[uris[1], "size"]) == storage.identity(uris[1])
     assert view.loc[uris[3], "run"] == first["run"] and view.loc[uris[3], "error"]
+
+
+RECORD_ROWS = ("run.json", "whole", "nightly", "_CURRENT.json", "drift")  # the table's rows
+
+
+def documented_fields() -> dict[str, set[str]]:
+    """docs/outputs.md's table of a scoring run's record: row -> its fields."""
+    import re
+
+    text = open(os.path.join(REPO, "docs", "outputs.md")).read().split("<!-- run-record -->")[1]
+    rows = re.findall(r"^\| (.+?) \| (.+?) \|$", text.split("\n\n")[0], re.M)[1:]
+    assert len(rows) == len(RECORD_ROWS)
+    return {row: set(re.findall(r"`([^`]+)`", fields))
+            for row, (_, fields) in zip(RECORD_ROWS, rows)}
+
+
+def test_the_run_records_hold_the_documented_fields(storage, trained_run, prefix, ray_local):
+    """The JSON a whole run and a nightly run publish is what docs/outputs.md says, field for
+    field, and reads back through the typed record unchanged."""
+    from covidray.layout import drift_reference_beside
+    from covidray.scoring.record import RunIdentity, RunSummary
+
+    fields = documented_fields()
+    archive, model = f"{prefix}/archive", RunLayout(trained_run["run"]).onnx
+    add_images(storage, archive, [f"img-{i}.png" for i in range(4)])
+    whole = ScoreLayout(f"{prefix}/whole")
+    returned = score_archive(ScoreConfig(archive, model, whole.root), storage)
+    success = storage.read_json(whole.success)
+    assert set(success) == fields["whole"]
+    referenced = storage.exists(drift_reference_beside(model))  # drift_json only then
+    assert set(success["drift"]) == fields["drift"] - (set() if referenced else {"drift_json"})
+    assert set(storage.read_json(whole.run_record)) == fields["run.json"]
+    assert success == json.loads(json.dumps(returned))
+    assert RunSummary.from_json(success).to_json() == success
+    assert RunIdentity.from_json(storage.read_json(whole.run_record)).run == success["run"]
+
+    nightly = ScoreLayout(f"{prefix}/nightly")
+    score_archive(ScoreConfig(archive, model, nightly.root, incremental=True), storage)
+    current = storage.read_json(nightly.current)
+    assert set(current) == fields["_CURRENT.json"]
+    part = storage.read_json(ScoreLayout(current["parts"][0]).success)
+    assert set(part) == fields["whole"] | fields["nightly"]
+    assert current["last_run"] == part
+    assert RunSummary.from_json(part).to_json() == part

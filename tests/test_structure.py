@@ -166,6 +166,15 @@ def test_no_library_file_is_over_450_lines():
     assert not long, long
 
 
+def test_the_top_level_holds_the_model_and_the_subsystems_live_in_their_packages():
+    """``covidray/`` itself: at most ~20 modules (the model, its data and evaluation); storage,
+    imaging and scoring each in their own package."""
+    top = [p for p in glob.glob(os.path.join(PACKAGE, "*.py")) if not p.endswith("__init__.py")]
+    assert len(top) <= 21, sorted(os.path.basename(p) for p in top)
+    for package in ("storage", "imaging", "scoring", "stages"):
+        assert os.path.isdir(os.path.join(PACKAGE, package))
+
+
 def test_one_onnx_scorer():
     """The exported model is run by onnxruntime in one module: OnnxScorer's (export's parity
     check, which compares raw logits with torch, is the one other session user). A second

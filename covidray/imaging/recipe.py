@@ -3,7 +3,7 @@
 Training, export (parity inputs and the recipe stored in the ONNX metadata) and
 scoring all call these functions and nothing else, so an image is preprocessed
 identically everywhere (``test_training_export_and_scoring_preprocess_identically`` in
-``tests/test_pipeline.py`` proves it).
+``tests/test_export.py`` proves it).
 
 The recipe has two halves so that the expensive part can stream as compact uint8:
   1. :func:`to_input_pixels`: decode to 8-bit grayscale, resize the shorter side to

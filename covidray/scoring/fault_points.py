@@ -7,6 +7,8 @@ run dies there) or change a mutable value it is handed. The points:
 
 ``scoring.snapshot_taken`` (``archive``)
     the run has read its index snapshot; nothing is scored yet.
+``scoring.part_written`` (``part``)
+    the driver has written a result part; the run goes on scoring.
 ``scoring.results_counted`` (``counts``)
     every result batch is written; ``counts`` is about to be reconciled.
 ``scoring.part_committed`` (``summary``)

@@ -19,6 +19,7 @@ from covidray.datasets import (is_manifest, iter_prefix_rows, manifest_frames, m
 from covidray.imaging.decode import IMAGE_SUFFIXES
 from covidray.imaging.loader import UNKNOWN_ETAG, UNKNOWN_SIZE
 from covidray.storage.location import Location, StorageError
+from covidray.layout import part_name
 from covidray.scoring.parts import CARRIED, parquet_parts_under
 from covidray.storage import Storage
 
@@ -36,7 +37,7 @@ def snapshot_index(storage: Storage, archive: str, folder: str,
     for part, frame in enumerate(index_chunks(storage, archive, allow_local_paths)):
         if is_manifest(archive):  # a listing names each key once; a manifest may not
             refuse_duplicates(frame["uri"], listed, seen, archive)
-        storage.write_table(f"{folder}/part-{part:05d}.parquet", carried(frame))
+        storage.write_table(f"{folder}/{part_name(part)}", carried(frame))
         listed += len(frame)
     if not listed:
         raise StorageError(f"no images found in '{archive}' "

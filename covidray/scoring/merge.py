@@ -26,6 +26,7 @@ import pyarrow as pa
 from covidray.metrics import predicted_labels
 
 KEY = ("uri", "etag", "size")
+SORTED_BATCH_ROWS = 65_536  # rows a URI-sorted stream (listing, results, scores) reads at once
 STATE_SCHEMA = pa.schema([("uri", pa.string()), ("etag", pa.string()), ("size", pa.int64()),
                           ("run", pa.string()), ("label", pa.string()), ("source", pa.string()),
                           ("score", pa.float64()), ("prediction", pa.string()),

@@ -14,6 +14,7 @@ from covidray.labels import LABELS, label_index
 from covidray.layout import ScoreLayout
 from covidray.metrics import (PAPER_THRESHOLDS, ScoreSummary, SortedAUC, metrics_report,
                               sweep_csv, sweep_thresholds)
+from covidray.scoring.merge import SORTED_BATCH_ROWS
 from covidray.scoring.parts import RESULT_PART_ROWS, parquet_parts_under
 from covidray.storage import Storage
 
@@ -70,4 +71,4 @@ def sorted_labelled_scores(storage: Storage, layout: ScoreLayout, scored: int):
 
     yield from (parquet_parts_under(storage, [layout.predictions], ["score", "label"])
                 .filter(expr=col("label").is_in(list(LABELS)))
-                .sort("score").iter_batches(batch_size=65_536, batch_format="numpy"))
+                .sort("score").iter_batches(batch_size=SORTED_BATCH_ROWS, batch_format="numpy"))

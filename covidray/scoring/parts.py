@@ -8,15 +8,18 @@ what the index row carried (:data:`CARRIED`), what loading found
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 import pandas as pd
 
 from covidray.datasets import ARCHIVE_COLUMNS
 from covidray.imaging.loader import LOADED_COLUMNS
 from covidray.scoring.merge import state_table
-from covidray.layout import EMPTY_PART, ScoreLayout
+from covidray.layout import EMPTY_PART, ScoreLayout, part_name, written_by
 from covidray.storage.location import name_of
 from covidray.imaging.profile import NUMBERS
+from covidray.scoring import fault_points
+from covidray.scoring.record import Counts
 from covidray.storage import Storage
 
 IDENTITY_COLUMNS = ["etag", "size"]  # with the uri: which version of an object was scored
@@ -36,15 +39,15 @@ def result_parts(storage: Storage, layout: ScoreLayout, run_id: str | None = Non
     return [part for folder in (layout.predictions, layout.errors)
             for part in storage.list_files(folder, (".parquet",))
             if name_of(part) != EMPTY_PART
-            and (run_id is None or name_of(part).startswith(run_id + "-"))]
+            and (run_id is None or written_by(name_of(part), run_id))]
 
 
-def write_empty_parts(storage: Storage, layout: ScoreLayout, counts: dict) -> None:
+def write_empty_parts(storage: Storage, layout: ScoreLayout, counts: Counts) -> None:
     """An empty part in ``predictions`` (no image scored) or ``errors`` (none failed), so
     readers always find a table with the right columns."""
-    for folder, key, columns in ((layout.predictions, "scored", PREDICTION_COLUMNS),
-                                 (layout.errors, "failed", ERROR_COLUMNS)):
-        if not counts[key]:
+    for folder, rows, columns in ((layout.predictions, counts.scored, PREDICTION_COLUMNS),
+                                  (layout.errors, counts.failed, ERROR_COLUMNS)):
+        if not rows:
             storage.write_table(layout.empty_part(folder), pd.DataFrame({
                 c: pd.Series(dtype=float if c in _FLOAT_COLUMNS else
                              "int64" if c in _INT_COLUMNS else object) for c in columns}))
@@ -85,20 +88,19 @@ class PartWriter:
     were listed (``changed``) are counted and the first few named."""
 
     def __init__(self, storage: Storage, layout: ScoreLayout, run_id: str,
-                 already: dict | None, every: float, tally=None):
+                 already: Counts | None, every: float, tally=None):
         self.storage, self.layout, self.run_id = storage, layout, run_id
         self.every, self.flushed = every, time.monotonic()
-        self.counts = dict(already or {"scored": 0, "failed": 0, "labelled": 0})
-        self.start_total = self.counts["scored"] + self.counts["failed"]
+        self.counts = replace(already) if already else Counts()
+        self.start_total = self.counts.total
         self.buffers = {"scored": [], "failed": []}
         self.parts = 0
         self.tally = tally
-        self.changed, self.changed_shown = 0, []
 
     @property
     def written(self) -> int:
         """Rows this writer took (buffered or written)."""
-        return self.counts["scored"] + self.counts["failed"] - self.start_total + sum(
+        return self.counts.total - self.start_total + sum(
             len(f) for f in self.buffers["scored"] + self.buffers["failed"])
 
     def add(self, batch: pd.DataFrame) -> None:
@@ -106,12 +108,13 @@ class PartWriter:
             self.tally.add(batch)
         if "changed" in batch:
             changed = batch.loc[batch["changed"].astype(bool), "uri"]
-            self.changed += len(changed)
-            self.changed_shown += changed.head(CHANGED_SHOWN - len(self.changed_shown)).tolist()
+            shown = self.counts.changed_examples
+            self.counts.changed += len(changed)
+            shown += changed.head(CHANGED_SHOWN - len(shown)).tolist()
         ok = batch["error"] == ""
         self.buffers["scored"].append(batch.loc[ok, PREDICTION_COLUMNS])
         self.buffers["failed"].append(batch.loc[~ok, ERROR_COLUMNS])
-        self.counts["labelled"] += int((ok & (batch["target"] >= 0)).sum())
+        self.counts.labelled += int((ok & (batch["target"] >= 0)).sum())
         buffered = sum(len(f) for f in self.buffers["scored"] + self.buffers["failed"])
         # Durable progress: a part at least every `every` seconds, so a killed run loses
         # little, and at most RESULT_PART_ROWS rows held here.
@@ -123,9 +126,10 @@ class PartWriter:
             frames = [f for f in self.buffers[key] if len(f)]
             if frames:
                 frame = pd.concat(frames, ignore_index=True)
-                self.storage.write_table(f"{folder}/{self.run_id}-{self.parts:05d}.parquet",
-                                         frame)
-                self.counts[key] += len(frame)
+                part = self.storage.write_table(
+                    f"{folder}/{part_name(self.parts, self.run_id)}", frame)
+                fault_points.reached("scoring.part_written", part=part)
+                setattr(self.counts, key, getattr(self.counts, key) + len(frame))
             self.buffers[key] = []
         self.parts += 1
         self.flushed = time.monotonic()

@@ -38,7 +38,8 @@ class ExportConfig:
 
 def parity_inputs(storage: Storage, layout: RunLayout, recipe: Recipe,
                   count: int = PARITY_IMAGES) -> np.ndarray:
-    """Real images for the parity check: the run's held-out images (test, then val)."""
+    """Real images for the parity check: the run's test images, then validation, then
+    training images where the held-out ones are too few (the first ``count`` readable)."""
     splits = storage.read_table(layout.splits)
     held_out = pd.concat([splits[splits["split"] == "test"], splits[splits["split"] == "val"],
                           splits[splits["split"] == "train"]]).head(count * 2)
