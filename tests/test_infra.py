@@ -175,13 +175,51 @@ def test_dockerignore_keeps_the_venv_local_secrets_and_git_out():
     assert {".venv", ".local", ".git"} <= patterns
 
 
-def test_local_s3_server_restarts_on_its_data_and_keeps_secrets_private(tmp_path, monkeypatch):
-    """down.sh then up.sh: the server comes back on its existing data directory; nothing
-    anonymous reads or writes the store through SeaweedFS's internal filer or volume ports."""
-    import json
-    import stat
+def refused_anonymously(url: str, body: bytes | None = None, method: str = "GET") -> str:
+    """How an internal port answers a caller with no certificate: plain HTTP gets 400 (its
+    port speaks HTTPS), HTTPS without a client certificate fails the handshake. Fails the
+    test on any other answer."""
+    import ssl
     import urllib.error
     import urllib.request
+
+    try:
+        urllib.request.urlopen(urllib.request.Request(url, data=body, method=method), timeout=10)
+    except urllib.error.HTTPError as refused:
+        assert refused.code in (400, 401), (method, url, refused.code)
+        return f"http {refused.code}"
+    except (urllib.error.URLError, ssl.SSLError, ConnectionError) as refused:
+        return f"refused: {type(getattr(refused, 'reason', refused)).__name__}"
+    raise AssertionError(f"{method} {url} was answered without credentials")
+
+
+def weed_shell(directory: str, ports: dict, command: str, with_config: bool) -> str:
+    """``weed shell`` from an empty folder and home (so it finds no security.toml of its own),
+    with this server's certificates or without; its output ('' when it could not connect)."""
+    import subprocess
+    import tempfile
+
+    import s3_server
+
+    home = tempfile.mkdtemp()
+    args = [s3_server.weed_binary(), *([f"-config_dir={directory}"] if with_config else []),
+            "shell", f"-master=127.0.0.1:{ports['master']}", f"-filer=127.0.0.1:{ports['filer']}"]
+    try:
+        done = subprocess.run(args, input=f"{command}\nexit\n", capture_output=True, text=True,
+                              cwd=home, env={**os.environ, "HOME": home}, timeout=20)
+        return done.stdout + done.stderr
+    except subprocess.TimeoutExpired:
+        return ""  # it kept trying to connect
+
+
+def test_local_s3_server_restarts_on_its_data_and_leaves_no_anonymous_door(tmp_path,
+                                                                             monkeypatch):
+    """down.sh then up.sh, on a data directory made before mutual TLS: the server comes back
+    on its data, now with TLS. Nothing anonymous reads, writes or deletes the store through
+    SeaweedFS's internal ports: not the filer or volume HTTP ports, not the master's
+    ``/col/delete``, not ``weed shell`` on the gRPC ports (which works with the certificates)."""
+    import json
+    import stat
 
     import s3_server
 
@@ -198,26 +236,41 @@ def test_local_s3_server_restarts_on_its_data_and_keeps_secrets_private(tmp_path
         storage().ensure_bucket("s3://kept")
         storage().write_bytes("s3://kept/a.txt", b"still here")
         assert s3_server.stop(directory)
+        security = os.path.join(directory, "security.toml")
+        with open(security) as fh:  # as a data directory made before mutual TLS has it
+            jwt_only = fh.read().split("[grpc]")[0]
+        with open(security, "w") as fh:
+            fh.write(jwt_only)
         env = s3_server.start(directory, int(env["AWS_ENDPOINT_URL"].rsplit(":", 1)[1]),
                               timeout=30)
         assert storage().read_bytes("s3://kept/a.txt") == b"still here"
+        with open(security) as fh:
+            upgraded = fh.read()
+        assert upgraded.startswith(jwt_only) and "[grpc]" in upgraded and "[https.master]" in upgraded
 
         with open(os.path.join(directory, "ports.json")) as fh:
             ports = json.load(fh)
-        probes = [("GET", f"http://127.0.0.1:{ports['filer']}/buckets/kept/a.txt", None),
-                  ("GET", f"http://127.0.0.1:{ports['filer']}/buckets/kept/", None),
-                  ("PUT", f"http://127.0.0.1:{ports['filer']}/buckets/kept/evil.txt", b"x"),
-                  ("DELETE", f"http://127.0.0.1:{ports['filer']}/buckets/kept/a.txt", None),
-                  ("GET", f"http://127.0.0.1:{ports['volume']}/1,01", None)]
-        for method, url, body in probes:
-            with pytest.raises(urllib.error.HTTPError) as refused:
-                urllib.request.urlopen(urllib.request.Request(url, data=body, method=method),
-                                       timeout=10)
-            assert refused.value.code == 401, (method, url, refused.value.code)
+        filer, volume, master = (f"127.0.0.1:{ports[n]}" for n in ("filer", "volume", "master"))
+        for scheme in ("http", "https"):
+            for method, path, body in [("GET", f"{filer}/buckets/kept/a.txt", None),
+                                       ("GET", f"{filer}/buckets/kept/", None),
+                                       ("PUT", f"{filer}/buckets/kept/evil.txt", b"x"),
+                                       ("DELETE", f"{filer}/buckets/kept/a.txt", None),
+                                       ("GET", f"{volume}/1,01", None),
+                                       ("POST", f"{volume}/1,01", b"x"),
+                                       ("GET", f"{master}/dir/assign", None),
+                                       ("GET", f"{master}/col/delete?collection=kept", None)]:
+                refused_anonymously(f"{scheme}://{path}", body, method)
+        weed_shell(directory, ports, "fs.rm /buckets/kept/a.txt", with_config=False)
         assert storage().read_bytes("s3://kept/a.txt") == b"still here"
         assert not storage().exists("s3://kept/evil.txt")
-        for name in ("credentials.json", "s3.json", "security.toml"):
+        # The same shell with the server's certificates connects: the door is the TLS.
+        listed = weed_shell(directory, ports, "fs.ls /buckets/kept", with_config=True)
+        assert re.search(r"\ba\.txt\b", listed), listed
+        for name in ("credentials.json", "s3.json", "security.toml",
+                     *(f"tls/{f}" for f in os.listdir(os.path.join(directory, "tls")))):
             mode = stat.S_IMODE(os.stat(os.path.join(directory, name)).st_mode)
             assert mode == 0o600, (name, oct(mode))
+        assert not os.path.exists(os.path.join(directory, "tls", "ca.key"))
     finally:
         s3_server.stop(directory)

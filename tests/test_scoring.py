@@ -329,6 +329,33 @@ def test_manifest_keys_are_taken_verbatim_a_leading_space_included(storage, trai
         uri: storage.identity(uri)[0] for uri in (spaced, plain)}
 
 
+EDGE_KEYS = [" lead.png", "lead.png", "trail.png ", "trail.png", "in  side.png", "UPPER.PNG",
+             "q?v=2.png", "h#copy.png"]  # all legal S3 keys, each its own object
+
+
+def test_a_prefix_listing_keeps_every_key_as_s3_returns_it(storage, trained_run, prefix,
+                                                           ray_local):
+    """Leading, trailing and inner spaces, case, '?' and '#': listed is what ListObjectsV2
+    returns for the prefix, and every one of those objects is scored from its own bytes."""
+    import boto3
+
+    rng = np.random.default_rng(23)
+    archive = f"{prefix}/edge"
+    written = [storage.write_bytes(f"{archive}/{key}", encode(
+        synthetic_xray(bool(i % 2), rng, size=(64, 64)), "png")) for i, key in enumerate(EDGE_KEYS)]
+    location = Location.parse(archive)
+    client = boto3.client("s3", endpoint_url=storage.settings.endpoint_url)
+    returned = client.list_objects_v2(Bucket=location.bucket, Prefix=location.key + "/")
+    assert len(returned["Contents"]) == len(EDGE_KEYS)
+    summary = score_archive(ScoreConfig(archive, RunLayout(trained_run["run"]).onnx,
+                                        f"{prefix}/out"), storage)
+    assert (summary["listed"], summary["scored"], summary["failed"]) == (len(EDGE_KEYS),) * 2 + (0,)
+    predictions = storage.read_parquet_dir(ScoreLayout(f"{prefix}/out").predictions)
+    assert sorted(predictions["uri"]) == sorted(written)
+    assert predictions.set_index("uri")["etag"].to_dict() == {
+        uri: storage.identity(uri)[0] for uri in written}
+
+
 def test_an_object_rewritten_during_the_run_is_recorded_with_the_etag_of_the_bytes_scored(
         storage, trained_run, prefix, ray_local):
     rng = np.random.default_rng(22)

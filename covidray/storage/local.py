@@ -13,7 +13,7 @@ import shutil
 import tempfile
 from typing import BinaryIO, Iterator
 
-from covidray.storage.location import Location, StorageError
+from covidray.storage.location import Location, StorageError, has_suffix
 
 
 def local_etag(path: str) -> str:
@@ -89,7 +89,7 @@ class LocalFiles:
         for root, dirs, files in os.walk(location.key):
             dirs.sort()
             for name in sorted(files):
-                if wanted is None or name.lower().endswith(wanted):
+                if has_suffix(name, wanted):
                     path = os.path.join(root, name)
                     yield {"uri": path, "etag": local_etag(path), "size": os.path.getsize(path)}
 

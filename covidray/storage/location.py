@@ -20,6 +20,13 @@ class StorageOutage(StorageError):
     run must fail (no result published), not record its images as unreadable."""
 
 
+def has_suffix(name: str, wanted: tuple[str, ...] | None) -> bool:
+    """Whether a listed key (or file name) is of a wanted kind: its name ends in one of the
+    ``wanted`` lower-case suffixes, any case, trailing whitespace ignored (``"scan.png "`` is a
+    PNG whose key a tool padded). The key itself is always kept verbatim."""
+    return wanted is None or name.rstrip().lower().endswith(wanted)
+
+
 @dataclass(frozen=True)
 class Location:
     """A parsed storage address. ``key`` is the object key (S3) or absolute path (local)."""

@@ -18,7 +18,7 @@ import time
 from typing import Iterator
 from urllib.parse import urlparse
 
-from covidray.storage.location import Location, StorageError, StorageOutage
+from covidray.storage.location import Location, StorageError, StorageOutage, has_suffix
 
 DEFAULT_REGION = "us-east-1"
 CONNECT_TIMEOUT_S = 3
@@ -295,7 +295,7 @@ class S3Objects:
             for obj in page.get("Contents", []):
                 if obj["Key"].endswith("/"):
                     continue  # a directory marker (pyarrow writes them), not a file
-                if wanted is None or obj["Key"].lower().endswith(wanted):
+                if has_suffix(obj["Key"], wanted):
                     yield {"uri": f"s3://{location.bucket}/{obj['Key']}",
                            "etag": obj.get("ETag", ""), "size": int(obj.get("Size", -1))}
             token = page.get("NextContinuationToken")

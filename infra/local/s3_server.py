@@ -9,7 +9,9 @@ Bound to 127.0.0.1, telemetry off, never anonymous: credentials are generated on
 first start into ``<dir>/s3.json`` (the server's identities) and ``<dir>/credentials.json``,
 and ``<dir>/security.toml`` holds JWT keys, so the internal filer and volume HTTP ports
 answer 401 to anyone but the S3 gateway (SeaweedFS's filer otherwise serves anonymous
-GET/PUT/DELETE of every bucket's objects). All three files are 0600.
+GET/PUT/DELETE of every bucket's objects), and turns on mutual TLS for every gRPC port
+(``<dir>/tls/``, :mod:`grpc_tls`), so ``weed shell`` without the certificates cannot
+connect. All these files are 0600.
 Idempotent: ``start`` on a running server only checks it; ``stop`` ends only the
 process whose PID ``start`` recorded. The test suite imports :func:`start` / :func:`stop`.
 """
@@ -24,6 +26,7 @@ import shutil
 import socket
 import sys
 
+import grpc_tls
 from pidfile import already_running, launch, stop_recorded
 
 DEFAULT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", ".local", "s3")
@@ -46,14 +49,19 @@ def _write_secret(path: str, text: str) -> None:
 
 
 def _security_toml(directory: str) -> None:
-    """JWT keys that make the filer and volume servers refuse unsigned reads and writes."""
+    """JWT keys that make the filer and volume servers refuse unsigned reads and writes, and
+    mutual TLS on every gRPC port (:mod:`grpc_tls`). A data directory made before mutual
+    TLS keeps its JWT keys and gains the TLS sections."""
     path = os.path.join(directory, "security.toml")
-    if not os.path.exists(path):
-        os.makedirs(directory, exist_ok=True)
-        _write_secret(path, "".join(f'[{section}]\nkey = "{secrets.token_hex(32)}"\n'
-                                    for section in ("jwt.signing", "jwt.signing.read",
-                                                    "jwt.filer_signing",
-                                                    "jwt.filer_signing.read")))
+    os.makedirs(directory, exist_ok=True)
+    text = open(path).read() if os.path.exists(path) else "".join(
+        f'[{section}]\nkey = "{secrets.token_hex(32)}"\n'
+        for section in ("jwt.signing", "jwt.signing.read", "jwt.filer_signing",
+                        "jwt.filer_signing.read"))
+    if "[grpc]" not in text:
+        tls = os.path.join(directory, "tls")
+        grpc_tls.issue(tls)
+        _write_secret(path, text.rstrip("\n") + "\n\n" + grpc_tls.security_sections(tls))
 
 
 def _credentials(directory: str) -> dict:
