@@ -274,3 +274,66 @@ def test_local_s3_server_restarts_on_its_data_and_leaves_no_anonymous_door(tmp_p
         assert not os.path.exists(os.path.join(directory, "tls", "ca.key"))
     finally:
         s3_server.stop(directory)
+
+
+@pytest.mark.cluster
+def test_two_local_stacks_run_side_by_side_and_a_taken_port_is_named(tmp_path):
+    """Two infra/local stacks (S3 server + Ray head), each with its own state folder and
+    ports from the environment, up at once; each answers with its own token and keys. A
+    third asking for a port the first holds stops, naming the variable that moves it."""
+    import subprocess
+    import urllib.error
+    import urllib.request
+
+    from s3_server import free_port
+
+    variables = ("COVIDRAY_S3_PORT", "COVIDRAY_RAY_PORT", "COVIDRAY_RAY_DASHBOARD_PORT",
+                 "COVIDRAY_RAY_CLIENT_PORT", "COVIDRAY_RAY_AGENT_PORT")
+    clean = {k: v for k, v in os.environ.items()
+             if not k.startswith(("RAY_", "AWS_", "COVIDRAY_"))}
+
+    def stack(name: str, **fixed) -> dict:
+        return {**clean, "COVIDRAY_LOCAL": str(tmp_path / name),
+                **{v: str(free_port()) for v in variables}, **fixed}
+
+    def dashboard(env: dict, token_of: dict) -> int:
+        with open(os.path.join(token_of["COVIDRAY_LOCAL"], "ray", "auth_token")) as fh:
+            request = urllib.request.Request(
+                f"http://127.0.0.1:{env['COVIDRAY_RAY_DASHBOARD_PORT']}/api/version",
+                headers={"Authorization": f"Bearer {fh.read().strip()}"})
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:
+                return response.status
+        except urllib.error.HTTPError as refused:
+            return refused.code
+
+    stacks = {"a": stack("a"), "b": stack("b")}
+    try:
+        for env in stacks.values():
+            up = subprocess.run(["infra/local/up.sh"], cwd=REPO, env=env, capture_output=True,
+                                text=True, timeout=300)
+            assert up.returncode == 0, up.stderr[-3000:]
+        a, b = stacks["a"], stacks["b"]
+        assert (dashboard(a, a), dashboard(b, b)) == (200, 200)
+        assert dashboard(a, b) in (401, 403)  # two clusters, two tokens
+        for name, env in stacks.items():  # each S3 server with the keys in its own env.sh
+            check = subprocess.run(
+                ["bash", "-c", f"source {env['COVIDRAY_LOCAL']}/env.sh && .venv/bin/python -c "
+                 f"\"from covidray.storage import Storage; s = Storage(); "
+                 f"s.ensure_bucket('s3://stack-{name}'); "
+                 f"s.write_bytes('s3://stack-{name}/x', b'{name}'); "
+                 f"print(s.read_bytes('s3://stack-{name}/x').decode())\""],
+                cwd=REPO, env=clean, capture_output=True, text=True, timeout=120)
+            assert check.stdout.strip() == name, check.stderr[-2000:]
+
+        stacks["c"] = stack("c", COVIDRAY_RAY_PORT=a["COVIDRAY_RAY_PORT"])
+        taken = subprocess.run(["infra/local/up.sh"], cwd=REPO, env=stacks["c"],
+                               capture_output=True, text=True, timeout=300)
+        assert taken.returncode != 0
+        assert f"port {a['COVIDRAY_RAY_PORT']} (the Ray GCS) is taken" in taken.stderr
+        assert "COVIDRAY_RAY_PORT" in taken.stderr
+        assert dashboard(a, a) == 200  # the first stack is untouched
+    finally:
+        for env in stacks.values():
+            subprocess.run(["infra/local/down.sh"], cwd=REPO, env=env, capture_output=True,
+                           timeout=120)

@@ -14,6 +14,6 @@ while [ $# -gt 0 ]; do
   else ARGS+=("$1"); shift; fi
 done
 infra/local/submit.sh jobs/demo.py "${ARGS[@]}"
-source .local/env.sh
+source "${COVIDRAY_LOCAL:-.local}/env.sh"
 echo "Everything the demo wrote is under s3://covidray-demo at $AWS_ENDPOINT_URL;" \
-     "source .local/env.sh to reach it (credentials in .local/s3/credentials.json)." >&2
+     "source $COVIDRAY_LOCAL/env.sh to reach it (credentials in $COVIDRAY_LOCAL/s3/credentials.json)." >&2

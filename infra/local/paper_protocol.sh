@@ -20,7 +20,7 @@ while [ $# -gt 0 ]; do
 done
 infra/local/setup.sh
 infra/local/up.sh
-source .local/env.sh  # the local S3 settings for the upload
+source "${COVIDRAY_LOCAL:-.local}/env.sh"  # the local S3 settings for the upload
 .venv/bin/python -c "from covidray.storage import Storage; import sys; sys.exit(0 if Storage().exists('s3://covidray-cxr/data/manifest.csv') else 1)" \
   || .venv/bin/covidray upload --source "$DATA_DIR" --dest s3://covidray-cxr/data
 infra/local/submit.sh jobs/protocol.py --data s3://covidray-cxr/data/manifest.csv \

@@ -4,6 +4,12 @@
     python infra/local/ray_head.py start [--dir .local/ray] [--port 6380] [--dashboard-port 8265]
     python infra/local/ray_head.py stop
 
+Every port the head fixes is configurable, so two local clusters (yours and the tests', or
+two checkouts) run side by side: GCS ``COVIDRAY_RAY_PORT`` (6380), dashboard
+``COVIDRAY_RAY_DASHBOARD_PORT`` (8265), Ray client ``COVIDRAY_RAY_CLIENT_PORT`` (10001),
+dashboard agent ``COVIDRAY_RAY_AGENT_PORT`` (52365); Ray picks the others itself. Each is
+checked free before the start, and a taken one is named with its variable.
+
 ``ray start --block`` runs under a PID recorded in ``<dir>/ray.pid``; ``stop`` sends it
 SIGTERM, which ends the processes that node started and nothing else (no ``ray stop``,
 which would end every Ray process on the machine). Idempotent.
@@ -28,7 +34,39 @@ import urllib.request
 
 from pidfile import already_running, launch, stop_recorded
 
-DEFAULT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", ".local", "ray")
+DEFAULT_DIR = os.path.join(os.environ.get("COVIDRAY_LOCAL") or os.path.join(
+    os.path.dirname(os.path.abspath(__file__)), "..", "..", ".local"), "ray")
+# The ports the head fixes: what each is, its variable, its default.
+PORTS = {"port": ("the Ray GCS", "COVIDRAY_RAY_PORT", 6380),
+         "dashboard_port": ("the Ray dashboard", "COVIDRAY_RAY_DASHBOARD_PORT", 8265),
+         "client_port": ("the Ray client server", "COVIDRAY_RAY_CLIENT_PORT", 10001),
+         "agent_port": ("the Ray dashboard agent", "COVIDRAY_RAY_AGENT_PORT", 52365)}
+
+
+def configured_port(name: str) -> int:
+    """A port of :data:`PORTS` from its variable, else its default."""
+    _, variable, default = PORTS[name]
+    value = os.environ.get(variable) or str(default)
+    if not value.isdigit() or not 0 < int(value) < 65536:
+        raise SystemExit(f"{variable}={value} is not a port number")
+    return int(value)
+
+
+def require_free(ports: dict) -> None:
+    """Refuse to start when a port (``name -> number``, names of :data:`PORTS`) is taken
+    on this machine, naming the port, what it is for and the variable that moves it."""
+    import socket
+
+    for name, port in ports.items():
+        with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind(("0.0.0.0", port))  # Ray's servers listen on every interface
+            except OSError:
+                what, variable, _ = PORTS[name]
+                raise SystemExit(f"port {port} ({what}) is taken on this machine: another Ray "
+                                 f"cluster, or another program, uses it. Set {variable} to a "
+                                 "free port and run infra/local/up.sh again") from None
 
 
 def token_env(directory: str = DEFAULT_DIR) -> dict:
@@ -72,7 +110,9 @@ def start(directory: str = DEFAULT_DIR, port: int = 6380, dashboard_port: int = 
         return address
     if up():
         raise SystemExit(f"another Ray dashboard already answers on port {dashboard_port}: "
-                         "stop it or pick --dashboard-port")
+                         "stop it or set COVIDRAY_RAY_DASHBOARD_PORT")
+    require_free({"port": port, "dashboard_port": dashboard_port, "client_port": client_port,
+                  "agent_port": agent_port})
     os.makedirs(directory, exist_ok=True)
     # The Python that runs this script runs the cluster, and is `python` in job entrypoints.
     python_bin = os.path.dirname(sys.executable)
@@ -147,14 +187,16 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("action", choices=["start", "stop", "env"])
     parser.add_argument("--dir", default=os.environ.get("COVIDRAY_RAY_DIR", DEFAULT_DIR))
-    parser.add_argument("--port", type=int, default=int(os.environ.get("COVIDRAY_RAY_PORT", 6380)))
-    parser.add_argument("--dashboard-port", type=int,
-                        default=int(os.environ.get("COVIDRAY_RAY_DASHBOARD_PORT", 8265)))
+    for name in PORTS:
+        parser.add_argument(f"--{name.replace('_', '-')}", type=int,
+                            default=configured_port(name), help=f"{PORTS[name][0]} "
+                            f"(default: ${PORTS[name][1]}, else {PORTS[name][2]})")
     parser.add_argument("--num-cpus", type=int, default=None,
                         help="logical CPUs to advertise (default: the machine's, at least 2)")
     args = parser.parse_args(argv)
     if args.action == "start":
-        address = start(args.dir, args.port, args.dashboard_port, args.num_cpus)
+        address = start(args.dir, args.port, args.dashboard_port, args.num_cpus,
+                        client_port=args.client_port, agent_port=args.agent_port)
         print(f"Ray head ready; submit jobs with --address {address}", file=sys.stderr)
     elif args.action == "stop":
         print("stopped" if stop(args.dir) else "not running", file=sys.stderr)

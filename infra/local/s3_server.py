@@ -29,7 +29,8 @@ import sys
 import grpc_tls
 from pidfile import already_running, launch, stop_recorded
 
-DEFAULT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", ".local", "s3")
+DEFAULT_DIR = os.path.join(os.environ.get("COVIDRAY_LOCAL") or os.path.join(
+    os.path.dirname(os.path.abspath(__file__)), "..", "..", ".local"), "s3")
 DEFAULT_PORT = 8333
 REGION = "us-east-1"
 
@@ -171,7 +172,8 @@ def start(directory: str = DEFAULT_DIR, port: int = DEFAULT_PORT, timeout: float
     if already_running(_pid_file(directory), lambda: _ready(env), "a weed server"):
         return env
     if _port_open(port):
-        raise SystemExit(f"port {port} on 127.0.0.1 is taken by another process: pick --port")
+        raise SystemExit(f"port {port} (the S3 server) on 127.0.0.1 is taken by another "
+                         "process: set COVIDRAY_S3_PORT to a free port (or pass --port)")
     data, logs = os.path.join(directory, "data"), os.path.join(directory, "logs")
     os.makedirs(data, exist_ok=True)
     os.makedirs(logs, exist_ok=True)

@@ -7,6 +7,6 @@
 # Needs infra/local/up.sh to have run.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-source .local/env.sh
+source "${COVIDRAY_LOCAL:-.local}/env.sh"
 source .venv/bin/activate
 exec ray job submit --address "$COVIDRAY_RAY_DASHBOARD" --working-dir . -- python "$@"
