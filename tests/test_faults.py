@@ -4,6 +4,7 @@ The real SeaweedFS server of the session is stopped in the middle of a scoring r
 started again on the same data directory and port.
 """
 
+import re
 import threading
 import time
 
@@ -307,3 +308,58 @@ def test_a_frozen_server_fails_a_request_within_about_its_bound(storage, prefix,
     finally:
         freeze.join(timeout=40)
     assert took < 6 * 1.5, took  # boto3's 60 s read timeout x 3 attempts came first before
+
+
+def kill_the_server(s3_service) -> None:
+    """SIGKILL the real weed process group, as a crash would (no clean shutdown)."""
+    import os
+    import signal
+
+    from pidfile import running_pid
+
+    pid = running_pid(os.path.join(s3_service["directory"], "weed.pid"))
+    assert pid is not None
+    os.killpg(pid, signal.SIGKILL)
+
+
+def test_a_server_left_down_fails_the_run_within_its_bound_and_blocks_nothing_after(
+        storage, trained_run, prefix, ray_local, s3_service):
+    """The S3 server is SIGKILLed mid-run and stays down: the run fails within 1.5x its
+    outage bound, its error names the first operation that failed and its object, and once
+    the server is back the next run is not held off by the dead run's lease and leaves no
+    staging behind."""
+    bound = 20.0
+    manifest = small_archive(storage, f"{prefix}/archive", 400)
+    layout = ScoreLayout(f"{prefix}/out")
+    model = RunLayout(trained_run["run"]).onnx
+    killed_at: list[float] = []
+
+    def the_server_dies(part):
+        if not killed_at:
+            kill_the_server(s3_service)
+            killed_at.append(time.monotonic())
+
+    bounded = Storage(StorageSettings(endpoint_url=storage.settings.endpoint_url,
+                                      outage_seconds=bound))
+    try:
+        with armed("scoring.part_written", the_server_dies):
+            with pytest.raises(StorageOutage) as failed:
+                score_archive(ScoreConfig(manifest, model, layout.root, batch_size=16,
+                                          progress_seconds=0.5), bounded)
+        took = time.monotonic() - killed_at[0]
+    finally:
+        s3_server.stop(s3_service["directory"])  # reaps the killed process, clears its PID
+        s3_server.start(s3_service["directory"], s3_service["port"])
+    last_line = str(failed.value).strip().splitlines()[-1]
+    print(f"failed {took:.1f} s after the kill: {last_line}")
+    assert took <= 1.5 * bound, (took, last_line)
+    # the first operation that failed, an image read or a result write, not a clean-up step
+    assert f"kept failing for {bound:g} s" in last_line, last_line
+    assert re.search(r"while (reading|writing) s3://\S+\.(png|parquet) ", last_line), last_line
+
+    began = time.monotonic()
+    summary = score_archive(ScoreConfig(manifest, model, layout.root, batch_size=16), storage)
+    assert (summary["listed"], summary["scored"], summary["failed"]) == (400, 400, 0)
+    assert time.monotonic() - began < 120  # not held off by the dead run's lease (300 s)
+    assert not list(storage.list_files(layout.staging))
+    assert not storage.exists(layout.lease)

@@ -367,3 +367,24 @@ def test_the_run_records_hold_the_documented_fields(storage, trained_run, prefix
     assert set(part) == fields["whole"] | fields["nightly"]
     assert current["last_run"] == part
     assert RunSummary.from_json(part).to_json() == part
+
+
+def test_a_lease_whose_holder_is_gone_is_taken_over_at_once(storage, prefix):
+    """A lease left by a process of this host that no longer exists (killed, or failed with
+    its storage away) does not hold the next run off until it lapses; one of a live holder
+    still does."""
+    import socket
+
+    lease_uri = ScoreLayout(f"{prefix}/out").lease
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                           capture_output=True, text=True, check=True)
+    dead = f"{socket.gethostname()}:{ended.stdout.strip()}:0a0a0a0a"
+    storage.write_bytes(lease_uri, json.dumps({"owner": dead, "what": "night 1",
+                                               "renewed_at": time.time(),
+                                               "expires_at": time.time() + 3600}).encode())
+    taken = Lease(storage, lease_uri, ttl=30, what="night 2").acquire()
+    assert json.loads(storage.read_bytes(lease_uri))["what"] == "night 2"
+    with pytest.raises(LeaseHeld, match="another run holds the lease .*night 2"):
+        Lease(storage, lease_uri, ttl=30, what="night 3").acquire()  # its holder is alive
+    taken.release()
+    assert not storage.exists(lease_uri)

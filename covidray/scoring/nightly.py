@@ -266,6 +266,7 @@ class NightlyRun(ScoringRun):
                 last = view.current["runs"][-1] if view.current["runs"] else "none"
                 print(f"nothing new: all {listed} listed objects were already scored by this "
                       f"model (last run {last})", flush=True)
+                self.storage.delete_prefix(self.staging)
                 return NothingNew(config.archive, config.output, listed, last,
                                   self.model.threshold_source)
             print(f"{todo} of {listed} listed objects are new or changed", flush=True)
@@ -276,10 +277,11 @@ class NightlyRun(ScoringRun):
             summary = self.finish(todo + adopted, counts, listed, NightlyCounts(
                 todo, adopted, change.removed, change.rethresholded))
             state, objects = view.write_state(change)
-            return replace(summary, nightly=replace(summary.nightly, state=state,
-                                                    objects=objects))
-        finally:
-            self.storage.delete_prefix(self.staging)
+        except BaseException:
+            self.clean_up_after_failure()
+            raise
+        self.storage.delete_prefix(self.staging)
+        return replace(summary, nightly=replace(summary.nightly, state=state, objects=objects))
 
     def publish(self, summary: RunSummary) -> None:
         """The part's marker, then the cumulative view readers use (then the state

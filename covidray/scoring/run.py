@@ -27,6 +27,7 @@ from covidray.scoring.pipeline import Progress, scored_batches
 from covidray.scoring.record import Counts, NightlyCounts, RunIdentity, RunSummary
 from covidray.storage import Storage
 from covidray.storage.lease import Lease
+from covidray.storage.store import CLEANUP_SECONDS
 
 
 class ScoringRun:
@@ -77,6 +78,16 @@ class ScoringRun:
         # The record first: a part whose config is there says which model made it.
         self.storage.write_json(self.writing.run_record, self.identity.to_json())
         self.storage.write_json(self.writing.config, to_dict(self.config))
+
+    def clean_up_after_failure(self) -> None:
+        """Remove this run's staging with one brief try, never masking the failure: what it
+        cannot remove (the storage may be what failed) the next run removes
+        (:meth:`begin`)."""
+        try:
+            self.storage.bounded(CLEANUP_SECONDS).delete_prefix(self.staging)
+        except Exception as exc:
+            print(f"left {self.staging} for the next run to remove ({type(exc).__name__})",
+                  flush=True)
 
     def snapshot(self) -> int:
         """The archive's index, read once into this run's staging; how many it lists."""
@@ -162,7 +173,7 @@ class WholeRun(ScoringRun):
             counts = self.score(self.output.staged(self.run_id), listed)
             return self.finish(listed, counts, listed)
         except BaseException:
-            self.storage.delete_prefix(self.staging)
+            self.clean_up_after_failure()
             raise
 
     def publish(self, summary: RunSummary) -> None:

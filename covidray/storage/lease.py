@@ -3,8 +3,12 @@
 The lease is one object (``<output>/_LEASE.json``) created with a conditional write
 (S3 ``If-None-Match: *``; locally ``O_EXCL``), renewed by a heartbeat thread with
 ``If-Match`` on its ETag, and taken over only once expired (again with ``If-Match``), so
-two overlapping nightly runs never both score an archive into one output. A run killed
-without releasing its lease blocks others for at most ``ttl`` seconds.
+two overlapping nightly runs never both score an archive into one output.
+
+A run that fails releases its lease with one brief try (its storage may be what failed). A
+lease it could not release is taken over at once by the next run that knows its holder is
+gone: a run of this process that ended, or a process of this host that no longer exists.
+Otherwise (a holder on another machine) it blocks others for at most ``ttl`` seconds.
 """
 
 from __future__ import annotations
@@ -17,10 +21,32 @@ import time
 import uuid
 
 from covidray.storage import Storage
+from covidray.storage.store import CLEANUP_SECONDS
+
+
+_ENDED: set[str] = set()  # owners, in this process, whose run ended holding its lease
 
 
 class LeaseHeld(RuntimeError):
     """Another live run holds the lease; the message says which and until when."""
+
+
+def holder_is_gone(owner: str) -> bool:
+    """Whether the lease's ``owner`` (``host:pid:id``) is known to hold it no more: a run of
+    this process that ended, or a process of this host that no longer exists."""
+    host, _, rest = owner.partition(":")
+    pid = rest.partition(":")[0]
+    if owner in _ENDED:
+        return True
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # alive, another user's
+        return False
+    return False
 
 
 class Lease:
@@ -43,7 +69,11 @@ class Lease:
         if etag is None:  # someone holds it, or held it and died
             current, current_etag = self.storage.read_with_etag(self.uri)
             holder = json.loads(current)
-            if holder["expires_at"] > time.time():
+            gone = holder_is_gone(holder.get("owner", ""))
+            if gone:
+                print(f"taking over the lease {self.uri} of {holder['owner']} "
+                      f"({holder['what']}), which ended without releasing it", flush=True)
+            elif holder["expires_at"] > time.time():
                 raise LeaseHeld(
                     f"another run holds the lease {self.uri} ({holder['owner']}, "
                     f"{holder['what']}) until {_when(holder['expires_at'])}; not starting a "
@@ -90,22 +120,43 @@ class Lease:
                             f"({holder.get('what')}, until {_when(holder.get('expires_at'))}): "
                             "not publishing")
 
-    def stop_renewing(self) -> None:
-        """Stop the heartbeat (the lease then lapses after its ttl unless released)."""
+    def stop_renewing(self, wait: float | None = None) -> None:
+        """Stop the heartbeat (the lease then lapses after its ttl unless released), waiting
+        for a renewal under way for at most ``wait`` seconds (None: until it ends)."""
         self._stop.set()
         if self._thread is not None:
-            self._thread.join()
+            self._thread.join(wait)
 
     def release(self) -> None:
         self.stop_renewing()
-        if not self.lost and self._etag is not None:
-            self.storage.delete_if_match(self.uri, self._etag)
+        self._delete(self.storage)
+
+    def release_after_failure(self) -> None:
+        """Release with one brief try: the run failed, perhaps because its storage did."""
+        self.stop_renewing(wait=CLEANUP_SECONDS)
+        self._delete(self.storage.bounded(CLEANUP_SECONDS))
+
+    def _delete(self, storage: Storage) -> None:
+        """Delete the lease if it is still ours. One that cannot be deleted (storage away) is
+        recorded as ended, so the next run of this process takes it over at once (another
+        process finds this one gone, or the lease lapsed)."""
+        if self.lost or self._etag is None:
+            return
+        try:
+            storage.delete_if_match(self.uri, self._etag)
+        except Exception as exc:
+            _ENDED.add(self.owner)
+            print(f"could not release the lease {self.uri} ({type(exc).__name__}): the next "
+                  "run takes it over", flush=True)
 
     def __enter__(self) -> "Lease":
         return self.acquire()
 
-    def __exit__(self, *exc) -> None:
-        self.release()
+    def __exit__(self, kind, value, traceback) -> None:
+        if kind is None:
+            self.release()
+        else:
+            self.release_after_failure()
 
 
 def _when(epoch: float | None) -> str:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import io
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import BinaryIO, Iterator
 
 from covidray.storage.local import LocalFiles
@@ -29,6 +29,10 @@ from covidray.storage.settings import StorageSettings
 
 
 _LOCAL = LocalFiles()
+# A failed run's clean-up (its staging, its lease) tries storage this long, once: the failure
+# itself already waited out the run's outage bound, and what it cannot remove the next run
+# removes or takes over.
+CLEANUP_SECONDS = 2.0
 
 
 @dataclass
@@ -45,6 +49,11 @@ class Storage:
 
     def __setstate__(self, state):
         self.__init__(state["settings"])
+
+    def bounded(self, seconds: float) -> "Storage":
+        """This storage with another outage bound: a failed run's clean-up tries briefly
+        (the failure itself already waited out the run's bound)."""
+        return Storage(replace(self.settings, outage_seconds=seconds))
 
     @property
     def s3(self) -> S3Objects:
@@ -115,10 +124,7 @@ class Storage:
     def delete_if_match(self, uri: str, etag: str) -> None:
         """Delete ``uri`` if it is still the version ``etag`` (best effort on S3 servers
         without conditional deletes: compare, then delete)."""
-        try:
-            found = self.identity(uri)
-        except Exception:  # storage away: the lease lapses by itself
-            return
+        found = self.identity(uri)
         if found is not None and found[0] == etag:
             self.delete(uri)
 
