@@ -250,7 +250,8 @@ def test_local_s3_server_restarts_on_its_data_and_leaves_no_anonymous_door(tmp_p
 
         with open(os.path.join(directory, "ports.json")) as fh:
             ports = json.load(fh)
-        filer, volume, master = (f"127.0.0.1:{ports[n]}" for n in ("filer", "volume", "master"))
+        filer, volume, master, admin = (f"127.0.0.1:{ports[n]}"
+                                        for n in ("filer", "volume", "master", "admin"))
         for scheme in ("http", "https"):
             for method, path, body in [("GET", f"{filer}/buckets/kept/a.txt", None),
                                        ("GET", f"{filer}/buckets/kept/", None),
@@ -259,7 +260,8 @@ def test_local_s3_server_restarts_on_its_data_and_leaves_no_anonymous_door(tmp_p
                                        ("GET", f"{volume}/1,01", None),
                                        ("POST", f"{volume}/1,01", b"x"),
                                        ("GET", f"{master}/dir/assign", None),
-                                       ("GET", f"{master}/col/delete?collection=kept", None)]:
+                                       ("GET", f"{master}/col/delete?collection=kept", None),
+                                       ("GET", f"{admin}/", None)]:
                 refused_anonymously(f"{scheme}://{path}", body, method)
         weed_shell(directory, ports, "fs.rm /buckets/kept/a.txt", with_config=False)
         assert storage().read_bytes("s3://kept/a.txt") == b"still here"

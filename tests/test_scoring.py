@@ -231,9 +231,10 @@ def test_an_archive_changed_while_the_run_is_under_way_is_scored_as_listed(
     assert len(storage.read_table(manifest)) == 7  # it did change under the run
 
 
-def _png_stream(width: int, height: int, bit_depth: int, row: bytes) -> bytes:
+def _png_stream(width: int, height: int, bit_depth: int, row: bytes, color: int = 0) -> bytes:
     """A PNG whose every row is ``row``, compressed row by row: a small file that claims a
-    large image, without ever holding that image here."""
+    large image, without ever holding that image here (``color``: PNG colour type, 0 gray,
+    6 RGBA)."""
     import struct
     import zlib
 
@@ -245,7 +246,7 @@ def _png_stream(width: int, height: int, bit_depth: int, row: bytes) -> bytes:
     for _ in range(height):
         body.append(compressor.compress(b"\0" + row))
     body.append(compressor.flush())
-    header = struct.pack(">IIBBBBB", width, height, bit_depth, 0, 0, 0, 0)  # grayscale
+    header = struct.pack(">IIBBBBB", width, height, bit_depth, color, 0, 0, 0)
     return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", b"".join(body))
             + chunk(b"IEND", b""))
 
@@ -310,6 +311,34 @@ def test_large_and_hostile_images_score_under_a_memory_ceiling(storage, trained_
     assert "image too large: 12000x12000" in errors.loc[f"{archive}/claims-144mp-16bit.png", "error"]
     assert "aspect ratio" in errors.loc[f"{archive}/strip-1x60000.png", "error"]
     assert peaks and max(peaks.values()) < WORKER_MEMORY_CEILING, sorted(peaks.values())[-3:]
+
+
+def test_rgba_and_32_bit_images_decode_under_the_memory_ceiling(storage, trained_run, prefix,
+                                                              ray_local):
+    """One batch of four 6300x6300 RGBA PNGs and four 32-bit TIFFs of that size (under the
+    40 MP limit): every image is scored and no Ray worker goes above the stated ceiling (an
+    RGBA decode used to hold four copies of the image: 1.33-1.67 GB with such a batch, 1.60 GB
+    with the TIFFs)."""
+    import io
+
+    from PIL import Image
+
+    side, archive = 6300, f"{prefix}/large"
+    rgba_row = bytes(range(256)) * (side * 4 // 256) + bytes(side * 4 % 256)
+    gradient = Image.fromarray(np.broadcast_to(np.arange(side, dtype=np.int32) * 300_000,
+                                               (side, side)).copy(), "I")
+    tiff = io.BytesIO()
+    gradient.save(tiff, format="TIFF", compression="tiff_deflate")
+    del gradient
+    for i in range(4):
+        storage.write_bytes(f"{archive}/rgba-{i}.png", _png_stream(side, side, 8, rgba_row, 6))
+        storage.write_bytes(f"{archive}/int32-{i}.tif", tiff.getvalue())
+    summary, peaks = scored_with_worker_peaks(storage, ScoreConfig(
+        archive, RunLayout(trained_run["run"]).onnx, f"{prefix}/out", threshold=0.5,
+        batch_size=8))
+    assert (summary["listed"], summary["scored"], summary["failed"]) == (8, 8, 0)
+    assert peaks and max(peaks.values()) < WORKER_MEMORY_CEILING, sorted(peaks.values())[-3:]
+    print("largest worker peak (MB):", max(peaks.values()) // 1_000_000)
 
 
 def test_manifest_keys_are_taken_verbatim_a_leading_space_included(storage, trained_run, prefix,

@@ -6,11 +6,10 @@ from __future__ import annotations
 
 import io
 
-import numpy as np
-from PIL import Image, ImageFile, UnidentifiedImageError
+from PIL import Image, ImageChops, ImageFile, UnidentifiedImageError
 
 from covidray.imaging.dicom import DICOM_COLUMNS, dicom_pixels, is_dicom, read_dicom
-from covidray.imaging.pixels import DecodeError, check_dimensions, min_max_to_8bit
+from covidray.imaging.pixels import DecodeError, check_dimensions, window_rows
 from covidray.imaging.profile import picture_bit_depth
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".dicom")
@@ -67,12 +66,22 @@ def _decode_picture(data: bytes) -> tuple[Image.Image, str]:
     return to_8bit_gray(image), image.mode
 
 
+HIGH_BIT_MODES = ("I;16", "I;16B", "I;16L", "I", "F")
+
+
 def to_8bit_gray(image: Image.Image) -> Image.Image:
-    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        return min_max_to_8bit(np.asarray(image))
+    """Any decoded picture -> 8-bit ``L``, holding at most one more 8-bit plane of it at a
+    time beside the decoded image: high bit depths windowed min..max a strip at a time;
+    transparency composited over black as gray x alpha (never a second RGBA copy)."""
+    if image.mode in HIGH_BIT_MODES:
+        lo, hi = image.getextrema()
+        width = image.width
+        return window_rows(lambda top, bottom: image.crop((0, top, width, bottom)),
+                           (image.height, width), lo, hi)
     if image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")
-    if image.mode in ("RGBA", "LA", "PA"):
-        background = Image.new("RGBA", image.size, (0, 0, 0, 255))
-        image = Image.alpha_composite(background, image.convert("RGBA"))
+    if image.mode == "PA":
+        image = image.convert("LA")
+    if image.mode in ("RGBA", "LA"):
+        return ImageChops.multiply(image.convert("L"), image.getchannel("A"))
     return image if image.mode == "L" else image.convert("L")

@@ -25,6 +25,23 @@ from covidray.storage import Storage, StorageOutage
 _TAG_COLUMNS = [*DICOM_COLUMNS, "view_check"]
 LOADED_COLUMNS = [*_TAG_COLUMNS, *PROFILE_COLUMNS]  # what loading an image adds to its row
 UNKNOWN_ETAG, UNKNOWN_SIZE = "", -1  # not known (yet): a manifest row without them
+LARGE_BLOCK_BYTES = 1 << 20
+
+
+def return_large_blocks_to_the_os() -> None:
+    """Decoded images are large and short-lived. glibc keeps what a thread frees in that
+    thread's arena and, once a large block was freed, serves blocks up to 32 MB from the
+    arenas too: with 8 loading threads a worker kept up to 8 images' worth of memory. A
+    fixed mmap threshold maps every block of 1 MB or more on its own and unmaps it when
+    freed, so a worker's memory follows the images it holds (elsewhere than glibc: no-op)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(-3, LARGE_BLOCK_BYTES)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
 
 
 def load_pixels(batch: dict, storage: Storage, augmenter=None, io_threads: int = 8,
@@ -44,6 +61,7 @@ def load_pixels(batch: dict, storage: Storage, augmenter=None, io_threads: int =
     """
     if views not in VIEW_POLICIES:
         raise ValueError(f"views must be one of {VIEW_POLICIES}, not '{views}'")
+    return_large_blocks_to_the_os()  # this process's policy, set before its threads decode
     uris = [str(u) for u in batch["uri"]]
     copies = batch.get("copy", np.zeros(len(uris), dtype=np.int64))
     blank = {**dict.fromkeys(_TAG_COLUMNS, ""), **empty_profile()}

@@ -60,25 +60,36 @@ def check_dimensions(width: int, height: int) -> None:
                           f"{MAX_ASPECT_RATIO}:1)")
 
 
+WINDOW_ROWS = 256  # rows windowed at once: the arithmetic copies a strip, never the image
+
+
 def min_max_to_8bit(values: np.ndarray) -> Image.Image:
     """The window for high-bit-depth data without one of its own (16-bit PNGs, DICOM
-    without VOI tags): the image's own min..max onto 0..255. Integer data in exact
-    integer arithmetic, round((v - lo) * 255 / (hi - lo)) with halves up (4 bytes a pixel
-    for 16-bit data, no float64 copy); float data in float32."""
-    height, width = values.shape
-    if not np.issubdtype(values.dtype, np.integer):
-        values = values.astype(np.float32, copy=False)
-        lo, hi = float(values.min()), float(values.max())
-        if hi == lo:
-            return Image.new("L", (width, height), 0)
-        return Image.fromarray(np.round((values - lo) * np.float32(255.0 / (hi - lo)))
-                               .astype(np.uint8))
-    lo, hi = int(values.min()), int(values.max())
+    without VOI tags): the image's own min..max onto 0..255 (:func:`window_rows`)."""
+    integer = np.issubdtype(values.dtype, np.integer)
+    lo, hi = (int if integer else float)(values.min()), (int if integer else float)(values.max())
+    return window_rows(lambda top, bottom: values[top:bottom], values.shape, lo, hi)
+
+
+def window_rows(rows, shape: tuple[int, int], lo, hi) -> Image.Image:
+    """``lo..hi`` onto 0..255, ``WINDOW_ROWS`` rows at a time (``rows(top, bottom)`` gives
+    them), into one 8-bit image: no full-size integer or float copy of the data. Integer
+    data in exact integer arithmetic, round((v - lo) * 255 / (hi - lo)) with halves up;
+    float data in float32."""
+    height, width = shape
     if hi == lo:
         return Image.new("L", (width, height), 0)
-    work = values.astype(np.int32 if values.itemsize <= 2 else np.int64)
-    work -= lo
-    work *= 510
-    work += hi - lo
-    work //= 2 * (hi - lo)
-    return Image.fromarray(work.astype(np.uint8))
+    out = np.empty((height, width), dtype=np.uint8)
+    for top in range(0, height, WINDOW_ROWS):
+        strip = np.asarray(rows(top, min(height, top + WINDOW_ROWS)))
+        if np.issubdtype(strip.dtype, np.integer):
+            work = strip.astype(np.int64)
+            work -= lo
+            work *= 510
+            work += hi - lo
+            work //= 2 * (hi - lo)
+        else:
+            work = np.round((strip.astype(np.float32) - np.float32(lo))
+                            * np.float32(255.0 / (hi - lo)))
+        out[top:top + len(strip)] = work
+    return Image.fromarray(out)

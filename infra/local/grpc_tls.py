@@ -4,8 +4,8 @@ component, and the ``[grpc*]`` and ``[https*]`` sections of ``security.toml`` th
 Without it, anyone on the machine can reach the storage with no credentials: the filer's
 gRPC port (filer port + 10000) takes ``weed shell`` (``fs.rm`` deletes an object that S3
 then no longer has), and the master's HTTP port takes ``/col/delete?collection=<bucket>``
-(every object of the bucket gone). With it, every gRPC and HTTP peer of the master, volume
-and filer servers must present a certificate the CA signed; only the S3 port (signed
+(every object of the bucket gone). With it, every gRPC and HTTP peer of the master, volume,
+filer and admin servers must present a certificate the CA signed; only the S3 port (signed
 requests) faces clients. The CA's key is not kept, so nothing here can sign another
 certificate. Every file is 0600 in a 0700 folder.
 """
@@ -16,9 +16,9 @@ import datetime
 import ipaddress
 import os
 
-# The components weed runs (master, volume, filer, the S3 gateway) and its clients (weed
+# The components weed runs (master, volume, filer, the S3 gateway, admin) and its clients (weed
 # shell, the gateway's own calls): SeaweedFS reads one section per name.
-COMPONENTS = ("master", "volume", "filer", "s3", "client")
+COMPONENTS = ("master", "volume", "filer", "s3", "admin", "client")
 VALID_DAYS = 3650
 
 
@@ -77,13 +77,14 @@ def issue(folder: str) -> None:
             f"covidray-seaweedfs-{component}", key, ca_name, ca_key, ca=False).public_bytes(pem))
 
 
-HTTPS_SERVERS = ("master", "volume", "filer")  # their HTTP ports: HTTPS, client certificate
+HTTPS_SERVERS = ("master", "volume", "filer", "admin")  # HTTP ports: HTTPS, client certificate
 
 
 def security_sections(folder: str) -> str:
     """The ``security.toml`` text that turns mutual TLS on for every component: gRPC, and
-    the HTTP ports of the master, volume and filer servers (whose clients, the S3 gateway
-    among them, then speak HTTPS with the client certificate)."""
+    the HTTP ports of the master, volume, filer and admin servers (whose clients, the S3
+    gateway and weed mini's own readiness checks among them, then speak HTTPS with the
+    client certificate: without ``[https.admin]`` that check fails and weed mini exits)."""
     def files(name: str) -> str:
         return (f'cert = "{os.path.join(folder, name + ".crt")}"\n'
                 f'key = "{os.path.join(folder, name + ".key")}"\n')
