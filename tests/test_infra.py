@@ -339,3 +339,19 @@ def test_two_local_stacks_run_side_by_side_and_a_taken_port_is_named(tmp_path):
         for env in stacks.values():
             subprocess.run(["infra/local/down.sh"], cwd=REPO, env=env, capture_output=True,
                            timeout=120)
+
+
+def test_a_fixed_ray_port_among_the_workers_ports_is_refused_before_the_start():
+    # `ray start --ray-client-server-port=10011` fails with a long traceback: 10002-19999
+    # are its workers' ports. up.sh says so in one line, naming the variable.
+    import sys
+
+    sys.path.insert(0, os.path.join(REPO, "infra", "local"))
+    import ray_head
+
+    with pytest.raises(SystemExit) as refused:
+        ray_head.require_free({"client_port": 10011})
+    assert str(refused.value) == (
+        "port 10011 (the Ray client server) is among the ports Ray gives its workers "
+        "(10002-19999): set COVIDRAY_RAY_CLIENT_PORT to a port outside that range and run "
+        "infra/local/up.sh again")

@@ -52,12 +52,23 @@ def configured_port(name: str) -> int:
     return int(value)
 
 
+# Where `ray start` takes its workers' ports (its --min/--max-worker-port defaults): a fixed
+# port in this range makes `ray start` fail with a long traceback.
+WORKER_PORTS = range(10002, 20000)
+
+
 def require_free(ports: dict) -> None:
     """Refuse to start when a port (``name -> number``, names of :data:`PORTS`) is taken
-    on this machine, naming the port, what it is for and the variable that moves it."""
+    on this machine or lies among the workers' ports, naming the port, what it is for and
+    the variable that moves it."""
     import socket
 
     for name, port in ports.items():
+        if port in WORKER_PORTS:
+            what, variable, _ = PORTS[name]
+            raise SystemExit(f"port {port} ({what}) is among the ports Ray gives its workers "
+                             f"({WORKER_PORTS.start}-{WORKER_PORTS.stop - 1}): set {variable} "
+                             "to a port outside that range and run infra/local/up.sh again")
         with socket.socket() as sock:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:

@@ -4,7 +4,7 @@
 #   source .local/env.sh
 # A second stack beside the first: its own state folder and ports, e.g.
 #   COVIDRAY_LOCAL=/tmp/b COVIDRAY_S3_PORT=8334 COVIDRAY_RAY_PORT=6381 \
-#   COVIDRAY_RAY_DASHBOARD_PORT=8266 COVIDRAY_RAY_CLIENT_PORT=10011 \
+#   COVIDRAY_RAY_DASHBOARD_PORT=8266 COVIDRAY_RAY_CLIENT_PORT=10000 \
 #   COVIDRAY_RAY_AGENT_PORT=52375 infra/local/up.sh
 # Each port is checked free first; a taken one is named with the variable that moves it.
 set -euo pipefail
