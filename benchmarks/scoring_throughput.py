@@ -213,6 +213,28 @@ def per_backbone(names: list[str], storage: Storage, archive: str, images: int, 
               f"{1e6 / e2e_rate / 3600:5.1f} h", flush=True)
 
 
+def start_storage(prefix: str) -> tuple[str, Storage]:
+    """A temporary directory, Ray's token variables for it (set before ``import ray``) and a
+    SeaweedFS server there on a free port holding the benchmark's bucket."""
+    directory = tempfile.mkdtemp(prefix=prefix)
+    os.environ.update(ray_head.token_env(directory))
+    env = s3_server.start(directory, s3_server.free_port())
+    os.environ.update(env)
+    storage = Storage(StorageSettings(endpoint_url=env["AWS_ENDPOINT_URL"]))
+    storage.ensure_bucket(BUCKET)
+    return directory, storage
+
+
+def bench_model_and_jpegs(storage: Storage):
+    """A ResNet18 export (random weights: speed does not depend on them) in the bucket, and
+    64 distinct small synthetic JPEGs: (model bytes, its URI, the generator, the JPEGs)."""
+    model = export_onnx(build_model("none"), model_metadata(0.5, "none", {}, 0))
+    model_uri = storage.write_bytes(f"{BUCKET}/model/model.onnx", model)
+    rng = np.random.default_rng(0)
+    return model, model_uri, rng, [encode(synthetic_xray(bool(i % 2), rng), "jpg")
+                                   for i in range(64)]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--jpegs", type=int, default=2000)
@@ -232,19 +254,11 @@ def main() -> None:
 
     gpu = score_on_gpu("auto", machine, onnxruntime.get_available_providers)  # this machine
     batch = plan_resources(machine, use_gpu=gpu).inference_batch  # the batches scoring uses
-    directory = tempfile.mkdtemp(prefix="covidray-bench-")
-    os.environ.update(ray_head.token_env(directory))
+    directory, storage = start_storage("covidray-bench-")
     import ray  # after the token variables: Ray reads them when it is imported
 
-    env = s3_server.start(directory, s3_server.free_port())
-    os.environ.update(env)
     try:
-        storage = Storage(StorageSettings(endpoint_url=env["AWS_ENDPOINT_URL"]))
-        storage.ensure_bucket(BUCKET)
-        model = export_onnx(build_model("none"), model_metadata(0.5, "none", {}, 0))
-        model_uri = storage.write_bytes(f"{BUCKET}/model/model.onnx", model)
-        rng = np.random.default_rng(0)
-        jpegs = [encode(synthetic_xray(bool(i % 2), rng), "jpg") for i in range(64)]
+        model, model_uri, rng, jpegs = bench_model_and_jpegs(storage)
         pngs = [sixteen_bit_png(rng) for _ in range(6)]
         small = upload_archive(storage, f"{BUCKET}/small", args.small, jpegs, "jpg")
         archive_a = upload_archive(storage, f"{BUCKET}/a", args.jpegs, jpegs, "jpg")
