@@ -44,6 +44,9 @@ STAGES = (
                    "and (labelled archives) metrics", "score:ScoreConfig", "score:score_archive"),
     Stage("evaluate", "score a run's val/test splits, choose the operating threshold on val, "
                       "write the report", "evaluate:EvaluateConfig", "evaluate:evaluate_run"),
+    Stage("calibrate", "adopt a model at a site: score the site's labelled sample, choose its "
+                       "threshold and calibration, write its site card",
+          "calibrate:CalibrateConfig", "calibrate:calibrate_site"),
     Stage("protocol", "train, export and evaluate in one job", "protocol:ProtocolConfig",
           "protocol:run_protocol"),
     Stage("upload", "copy a local labelled folder (metadata.csv + images) to storage",

@@ -22,6 +22,9 @@ import typing
 from typing import Any
 
 DEFAULT_SEED = 0  # the one default seed: splits, augmentation, initialisation, sampling
+# An operating threshold is the highest reaching this sensitivity (evaluate, calibrate).
+DEFAULT_TARGET_SENSITIVITY = 0.95
+DEFAULT_BOOTSTRAP = 1000  # bootstrap replicates (patients resampled) for AUC intervals
 
 
 def seeded_hash(seed: int, key: str) -> int:

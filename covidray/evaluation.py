@@ -5,6 +5,14 @@ Inputs are the predictions tables that ``covidray score`` writes (one row per im
 ``source``). The operating point is chosen on the validation table and only reported
 on the test table. Intervals: Wilson for proportions, a patient-level (cluster) bootstrap
 for AUCs.
+
+A **site card** is the same measured at a site adopting a model, on the site's own
+labelled sample (thresholds and probabilities do not travel between hospitals): the AUC
+there with its interval (and per source / view where the sample has them), the threshold
+reaching the sensitivity the site needs, and a calibration map (Platt or isotonic, chosen
+by held-out log-loss within the sample) that turns the model's scores into probabilities
+for that site. ``covidray calibrate`` (:mod:`covidray.stages.calibrate`) writes it and
+scoring applies it (:func:`calibrated`).
 """
 
 from __future__ import annotations
@@ -14,7 +22,10 @@ import math
 import numpy as np
 import pandas as pd
 from sklearn.calibration import calibration_curve
-from sklearn.metrics import average_precision_score, brier_score_loss
+from sklearn.isotonic import IsotonicRegression
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import average_precision_score, brier_score_loss, log_loss
+from sklearn.model_selection import StratifiedGroupKFold
 
 from covidray.config import DEFAULT_SEED
 from covidray.labels import LABELS, POSITIVE_LABEL
@@ -163,4 +174,130 @@ def _rate(numerator: int, denominator: int):
     return numerator / denominator if denominator else None
 
 
+# --- the site card ----------------------------------------------------------------------
+SITE_CARD_KIND = "covidray site card"
+MIN_PER_CLASS = 20  # scored images of each class a site card needs
+CALIBRATION_FOLDS = 5
+_EDGE = 1e-6  # scores are clipped to [_EDGE, 1 - _EDGE] before their logit
+NOT_PROVEN = ("A site card measures one model on one labelled sample of one site's images. "
+              "It is not a clinical validation: the sample's size bounds what it can show "
+              "(see the intervals), the threshold is chosen and measured on the same sample "
+              "(its sensitivity there is optimistic), and the site's case mix, devices and "
+              "labelling can change after it was made (the drift watch compares each run "
+              "with this sample).")
 
+
+class SampleTooSmall(ValueError):
+    """A labelled sample too small, or of one class, to adopt a model on."""
+
+
+def require_enough(targets, where: str) -> None:
+    """Refuse a sample with fewer than :data:`MIN_PER_CLASS` images of either class."""
+    targets = np.asarray(targets)
+    covid, non_covid = int((targets == 1).sum()), int((targets == 0).sum())
+    if min(covid, non_covid) < MIN_PER_CLASS:
+        raise SampleTooSmall(
+            f"{where} has {covid} COVID and {non_covid} non-COVID images; a site card needs "
+            f"at least {MIN_PER_CLASS} of each (an AUC, a threshold and a calibration map "
+            "from fewer would be noise): label more of the site's studies")
+
+
+def _logit(scores) -> np.ndarray:
+    clipped = np.clip(np.asarray(scores, float), _EDGE, 1 - _EDGE)
+    return np.log(clipped / (1 - clipped))
+
+
+def fit_platt(scores, targets) -> dict:
+    """Platt scaling: a logistic regression on the score's logit."""
+    model = LogisticRegression(C=1e6, max_iter=1000).fit(_logit(scores)[:, None], targets)
+    return {"method": "platt", "slope": float(model.coef_[0, 0]),
+            "intercept": float(model.intercept_[0])}
+
+
+def fit_isotonic(scores, targets) -> dict:
+    """Isotonic regression: a non-decreasing step map, linear between its knots."""
+    model = IsotonicRegression(y_min=0.0, y_max=1.0, out_of_bounds="clip")
+    model.fit(np.asarray(scores, float), np.asarray(targets, float))
+    return {"method": "isotonic", "x": model.X_thresholds_.tolist(),
+            "y": model.y_thresholds_.tolist()}
+
+
+FITS = {"platt": fit_platt, "isotonic": fit_isotonic}
+
+
+def calibrated(mapping: dict, scores) -> np.ndarray:
+    """The site's probabilities of ``scores`` under a calibration map of a site card."""
+    scores = np.asarray(scores, float)
+    method = mapping["method"]
+    if method == "platt":
+        return 1 / (1 + np.exp(-(mapping["slope"] * _logit(scores) + mapping["intercept"])))
+    if method == "isotonic":
+        return np.interp(scores, mapping["x"], mapping["y"])
+    if method == "none":
+        return scores
+    raise ValueError(f"unknown calibration method '{method}' in the site card")
+
+
+def choose_calibration(scores, targets, groups, seed: int) -> tuple[dict, dict, np.ndarray]:
+    """Platt and isotonic maps, each fitted on 4/5 of the sample's patients and measured on
+    the rest (stratified, grouped folds); the one of lower held-out log-loss is fitted on
+    the whole sample, or none where neither beats the raw scores. Returns (the map, the
+    held-out log-loss and Brier of raw, Platt and isotonic, the chosen map's held-out
+    probabilities)."""
+    scores, targets = np.asarray(scores, float), np.asarray(targets, int)
+    held = {"none": scores.copy(), **{name: np.zeros(len(scores)) for name in FITS}}
+    patients = len(set(groups))
+    if patients < CALIBRATION_FOLDS:
+        raise SampleTooSmall(f"the labelled sample holds {patients} patients (group); "
+                             f"calibrating needs at least {CALIBRATION_FOLDS}, one per fold")
+    folds = StratifiedGroupKFold(n_splits=CALIBRATION_FOLDS, shuffle=True, random_state=seed)
+    for train, test in folds.split(scores, targets, groups):
+        for name, fit in FITS.items():
+            held[name][test] = calibrated(fit(scores[train], targets[train]), scores[test])
+    measured = {name: {"log_loss": float(log_loss(targets, np.clip(p, _EDGE, 1 - _EDGE))),
+                       "brier": float(brier_score_loss(targets, p))}
+                for name, p in held.items()}
+    best = min(FITS, key=lambda name: measured[name]["log_loss"])
+    if measured[best]["log_loss"] >= measured["none"]["log_loss"]:
+        best = "none"
+    mapping = FITS[best](scores, targets) if best in FITS else {"method": "none"}
+    return mapping, measured, held[best]
+
+
+def build_site_card(sample: pd.DataFrame, failed: int, *, site: str, model_uri: str,
+                    digest: str, labelled_uri: str, target_sensitivity: float,
+                    breakdown_columns, bootstrap: int, seed: int) -> dict:
+    """The site card of a scored labelled sample (:func:`covidray.evaluation.labelled`
+    rows: ``score``, ``target``, ``group``, and the breakdown columns it has); ``failed``:
+    the sample's images that could not be scored."""
+    require_enough(sample["target"], f"the labelled sample {labelled_uri} (scored images)")
+    scores, targets = sample["score"].to_numpy(float), sample["target"].to_numpy(int)
+    threshold = threshold_for_sensitivity(scores, targets, target_sensitivity)
+    mapping, measured, held_out = choose_calibration(scores, targets,
+                                                     sample["group"].astype(str), seed)
+    at = summarise(scores, targets, [threshold]).counts_at(threshold)
+    return {
+        "kind": SITE_CARD_KIND, "site": site, "model": model_uri, "model_digest": digest,
+        "sample": {"manifest": labelled_uri, "images": int(len(sample)),
+                   "covid": int(targets.sum()), "non_covid": int((targets == 0).sum()),
+                   "patients": int(sample["group"].nunique()), "failed": int(failed)},
+        "roc_auc": roc_auc(scores, targets),
+        "roc_auc_ci95": bootstrap_interval(sample, roc_auc, bootstrap, seed),
+        "bootstrap": {"replicates": bootstrap, "unit": "patient (group)", "seed": seed},
+        "by": {column: breakdown(sample, column, threshold) for column in breakdown_columns
+               if column in sample.columns and sample[column].nunique() > 1},
+        "operating_point": {
+            "threshold": threshold, "target_sensitivity": target_sensitivity,
+            "how": f"highest threshold whose sensitivity on the site's sample reaches "
+                   f"{target_sensitivity:g} (measured on that same sample: optimistic)",
+            **counts_with_intervals(at)},
+        "calibration": {
+            "map": mapping,
+            "chosen_by": f"held-out log-loss, {CALIBRATION_FOLDS} folds of the sample's "
+                         "patients (stratified); none where neither map beats the raw scores",
+            "held_out": measured,
+            "reliability_raw": calibration(scores, targets),
+            "reliability_calibrated": calibration(held_out, targets)},
+        "positive_rule": POSITIVE_RULE,
+        "not_proven": NOT_PROVEN,
+    }

@@ -101,16 +101,29 @@ def roc_pr_png(scores, targets, auc: float, ap: float) -> bytes:
 
 def calibration_png(calibration: dict) -> bytes:
     """Reliability diagram: mean predicted score vs fraction COVID per bin."""
-    bins = [b for b in calibration["bins"] if b["images"]]
     figure, axes = plt.subplots(figsize=(4.5, 4))
+    _reliability(axes, calibration, "Calibration")
+    return _png(figure)
+
+
+def _reliability(axes, calibration: dict, title: str) -> None:
+    bins = [b for b in calibration["bins"] if b["images"]]
     axes.plot([0, 1], [0, 1], ls="--", color="grey")
     axes.plot([b["mean_score"] for b in bins], [b["fraction_covid"] for b in bins], "o-",
               color="tab:red")
     for b in bins:
         axes.annotate(str(b["images"]), (b["mean_score"], b["fraction_covid"]), fontsize=7)
     axes.set(xlabel="mean predicted COVID probability", ylabel="fraction COVID",
-             title=f"Calibration (Brier {decimal(calibration['brier'])})", xlim=(0, 1),
-             ylim=(0, 1))
+             title=f"{title} (Brier {decimal(calibration['brier'])})", xlim=(0, 1), ylim=(0, 1))
+
+
+def reliability_pair_png(calibration: dict) -> bytes:
+    """A site card's reliability diagrams: the raw scores, and the chosen map's held-out
+    probabilities (:func:`covidray.evaluation.build_site_card`)."""
+    figure, panels = plt.subplots(1, 2, figsize=(9, 4))
+    method = calibration["map"]["method"]
+    _reliability(panels[0], calibration["reliability_raw"], "raw scores")
+    _reliability(panels[1], calibration["reliability_calibrated"], f"{method}, held out")
     return _png(figure)
 
 

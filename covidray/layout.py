@@ -258,6 +258,33 @@ class EvalLayout(_Layout):
 
 
 @dataclass(frozen=True)
+class SiteLayout(_Layout):
+    """What ``covidray calibrate`` writes for one site (``--output``)."""
+
+    @property
+    def config(self) -> str:
+        return self._at("config.json")
+
+    @property
+    def site_card(self) -> str:
+        return self._at("site_card.json")
+
+    @property
+    def drift_reference(self) -> str:
+        """The site's own reference profile: its labelled sample's."""
+        return self._at("drift_reference.json")
+
+    @property
+    def sample_scores(self) -> str:
+        """The scoring output of the labelled sample (a :class:`ScoreLayout` root)."""
+        return self._at("sample")
+
+    @property
+    def reliability_png(self) -> str:
+        return self._at("reliability.png")
+
+
+@dataclass(frozen=True)
 class DataLayout(_Layout):
     """A labelled dataset staged in storage: images plus one manifest."""
 

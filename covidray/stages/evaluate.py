@@ -13,7 +13,8 @@ import numpy as np
 import pandas as pd
 
 from covidray import audit, figures
-from covidray.config import DEFAULT_SEED, option, to_dict, validate
+from covidray.config import (DEFAULT_BOOTSTRAP, DEFAULT_SEED, DEFAULT_TARGET_SENSITIVITY,
+                             option, to_dict, validate)
 from covidray.imaging.loader import pixels_of
 from covidray.datasets import split_rows
 from covidray.drift import DriftTally, compare, make_reference
@@ -34,11 +35,11 @@ EVALUATED_SPLITS = ("val", "test")
 class EvaluateConfig:
     run: str = option("", "run directory (trained and exported)", required=True)
     eval_dir: str | None = option(None, "evaluation directory (default <run>/eval)")
-    target_sensitivity: float = option(0.95, "choose the operating threshold on validation as "
-                                             "the highest one reaching this sensitivity",
-                                      bounds=(0, 1))
-    bootstrap: int = option(1000, "bootstrap replicates (patients resampled) for AUC intervals",
-                           bounds=(0, None))
+    target_sensitivity: float = option(DEFAULT_TARGET_SENSITIVITY,
+                                       "choose the operating threshold on validation as the "
+                                       "highest one reaching this sensitivity", bounds=(0, 1))
+    bootstrap: int = option(DEFAULT_BOOTSTRAP, "bootstrap replicates (patients resampled) for "
+                                               "AUC intervals", bounds=(0, None))
     breakdown: str = option("source,view,view_position,manufacturer,sex,age_group",
                             "comma-separated columns (manifest or DICOM) to break results down "
                             "by; those with a known value are used")
