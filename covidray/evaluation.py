@@ -12,7 +12,7 @@ there with its interval (and per source / view where the sample has them), the t
 reaching the sensitivity the site needs, and a calibration map (Platt or isotonic, chosen
 by held-out log-loss within the sample) that turns the model's scores into probabilities
 for that site. ``covidray calibrate`` (:mod:`covidray.stages.calibrate`) writes it and
-scoring applies it (:func:`calibrated`).
+scoring applies it (:func:`covidray.metrics.calibrated`).
 """
 
 from __future__ import annotations
@@ -29,8 +29,10 @@ from sklearn.model_selection import StratifiedGroupKFold
 
 from covidray.config import DEFAULT_SEED
 from covidray.labels import LABELS, POSITIVE_LABEL
-from covidray.metrics import (PAPER_THRESHOLDS, POSITIVE_RULE, ConfusionCounts, is_positive,
-                              json_number, json_numbers, roc_auc, summarise, wilson_interval)
+from covidray.model_card import SITE_CARD_KIND
+from covidray.metrics import (PAPER_THRESHOLDS, POSITIVE_RULE, SCORE_EDGE, ConfusionCounts,
+                              calibrated, is_positive, json_number, json_numbers, logit, roc_auc,
+                              summarise, wilson_interval)
 
 def average_precision(scores, targets) -> float:
     """Area under the precision-recall curve (scikit-learn's average precision); NaN
@@ -175,10 +177,8 @@ def _rate(numerator: int, denominator: int):
 
 
 # --- the site card ----------------------------------------------------------------------
-SITE_CARD_KIND = "covidray site card"
 MIN_PER_CLASS = 20  # scored images of each class a site card needs
 CALIBRATION_FOLDS = 5
-_EDGE = 1e-6  # scores are clipped to [_EDGE, 1 - _EDGE] before their logit
 NOT_PROVEN = ("A site card measures one model on one labelled sample of one site's images. "
               "It is not a clinical validation: the sample's size bounds what it can show "
               "(see the intervals), the threshold is chosen and measured on the same sample "
@@ -202,14 +202,9 @@ def require_enough(targets, where: str) -> None:
             "from fewer would be noise): label more of the site's studies")
 
 
-def _logit(scores) -> np.ndarray:
-    clipped = np.clip(np.asarray(scores, float), _EDGE, 1 - _EDGE)
-    return np.log(clipped / (1 - clipped))
-
-
 def fit_platt(scores, targets) -> dict:
     """Platt scaling: a logistic regression on the score's logit."""
-    model = LogisticRegression(C=1e6, max_iter=1000).fit(_logit(scores)[:, None], targets)
+    model = LogisticRegression(C=1e6, max_iter=1000).fit(logit(scores)[:, None], targets)
     return {"method": "platt", "slope": float(model.coef_[0, 0]),
             "intercept": float(model.intercept_[0])}
 
@@ -223,19 +218,6 @@ def fit_isotonic(scores, targets) -> dict:
 
 
 FITS = {"platt": fit_platt, "isotonic": fit_isotonic}
-
-
-def calibrated(mapping: dict, scores) -> np.ndarray:
-    """The site's probabilities of ``scores`` under a calibration map of a site card."""
-    scores = np.asarray(scores, float)
-    method = mapping["method"]
-    if method == "platt":
-        return 1 / (1 + np.exp(-(mapping["slope"] * _logit(scores) + mapping["intercept"])))
-    if method == "isotonic":
-        return np.interp(scores, mapping["x"], mapping["y"])
-    if method == "none":
-        return scores
-    raise ValueError(f"unknown calibration method '{method}' in the site card")
 
 
 def choose_calibration(scores, targets, groups, seed: int) -> tuple[dict, dict, np.ndarray]:
@@ -254,7 +236,7 @@ def choose_calibration(scores, targets, groups, seed: int) -> tuple[dict, dict, 
     for train, test in folds.split(scores, targets, groups):
         for name, fit in FITS.items():
             held[name][test] = calibrated(fit(scores[train], targets[train]), scores[test])
-    measured = {name: {"log_loss": float(log_loss(targets, np.clip(p, _EDGE, 1 - _EDGE))),
+    measured = {name: {"log_loss": float(log_loss(targets, np.clip(p, SCORE_EDGE, 1 - SCORE_EDGE))),
                        "brier": float(brier_score_loss(targets, p))}
                 for name, p in held.items()}
     best = min(FITS, key=lambda name: measured[name]["log_loss"])

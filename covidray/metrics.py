@@ -31,6 +31,31 @@ def predicted_labels(scores, threshold: float) -> np.ndarray:
     return np.where(is_positive(scores, threshold), LABELS[1], LABELS[0])
 
 
+SCORE_EDGE = 1e-6  # scores are clipped to [SCORE_EDGE, 1 - SCORE_EDGE] before their logit
+
+
+def logit(scores) -> np.ndarray:
+    clipped = np.clip(np.asarray(scores, float), SCORE_EDGE, 1 - SCORE_EDGE)
+    return np.log(clipped / (1 - clipped))
+
+
+def calibrated(mapping: dict | None, scores) -> np.ndarray:
+    """A site's probabilities of ``scores`` under the calibration map of its site card
+    (:func:`covidray.evaluation.choose_calibration`: Platt, isotonic or none); NaN without
+    a site card. The map never reorders scores: the decision rule stays on the score."""
+    scores = np.asarray(scores, float)
+    method = mapping["method"] if mapping else None
+    if method is None:
+        return np.full(scores.shape, np.nan)
+    if method == "platt":
+        return 1 / (1 + np.exp(-(mapping["slope"] * logit(scores) + mapping["intercept"])))
+    if method == "isotonic":
+        return np.interp(scores, mapping["x"], mapping["y"])
+    if method == "none":
+        return scores.copy()
+    raise ValueError(f"unknown calibration method '{method}' in the site card")
+
+
 def sweep_thresholds() -> np.ndarray:
     """0.00..1.00 in steps of 0.01, plus the paper's thresholds (which lie on that grid)."""
     grid = {round(i / 100, 2) for i in range(101)} | set(PAPER_THRESHOLDS)

@@ -20,6 +20,9 @@ INTENDED_USE = ("Research and triage support on chest X-rays only: ranks images 
                 "threshold on validation data from the site that uses it.")
 
 
+SITE_CARD_KIND = "covidray site card"  # a site's card (covidray calibrate), beside its sample
+
+
 class StaleModelCard(ValueError):
     """The model card beside a model describes another model: its threshold was validated on
     that model's scores, not this one's."""

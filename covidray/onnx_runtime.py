@@ -15,7 +15,7 @@ import json
 import numpy as np
 
 from covidray.imaging.recipe import RECIPE_NAME, Recipe, model_inputs
-from covidray.metrics import predicted_labels
+from covidray.metrics import calibrated, predicted_labels
 
 META_PREFIX = "covidray."
 FEATURES_OUTPUT = "features"
@@ -126,12 +126,13 @@ class OnnxScorer:
     (:func:`with_features_output`: the shortcut audit's features) from the same pass.
 
     As a Ray Data callable (``__call__``): loaded batch -> the same rows with ``score``,
+    ``probability`` (under a site card's ``calibration`` map; NaN without one),
     ``prediction`` and ``threshold``. On the driver: :meth:`scores` of ``uint8`` pixels,
     :meth:`scores_and_features`, :meth:`probabilities` of model inputs."""
 
     def __init__(self, model: bytes, name: str, threshold: float | None = None,
                  threads: int = 0, keep: tuple[str, ...] = (), gpu: bool = False,
-                 features: bool = False):
+                 features: bool = False, calibration: dict | None = None):
         self.session = onnx_session(with_features_output(model) if features else model,
                                     threads, gpu)
         self.metadata = read_metadata(self.session)
@@ -140,6 +141,7 @@ class OnnxScorer:
         self.positive = positive_index(self.metadata)
         self.keep = keep
         self.features = features
+        self.calibration = calibration  # a site card's map: the probability column
 
     def probabilities(self, inputs: np.ndarray) -> np.ndarray:
         """COVID probabilities of model inputs ``float32[N, 3, 224, 224]``."""
@@ -173,5 +175,6 @@ class OnnxScorer:
         predicted = predicted_labels(np.nan_to_num(scores, nan=-1.0), self.threshold)
         prediction = np.where(ok, predicted, None)
         return {**{c: batch[c] for c in self.keep}, "target": batch["target"], "score": scores,
+                "probability": calibrated(self.calibration, scores),
                 "prediction": prediction.astype(object),
                 "threshold": np.full(len(ok), self.threshold), "error": batch["error"]}

@@ -53,7 +53,7 @@ def cumulative(storage, output: str) -> pd.DataFrame:
 
 def state_row(uri, etag="1", size=1, score=0.4, threshold=0.5, error=""):
     prediction = None if error else str(predicted_labels([score], threshold)[0])
-    return (uri, etag, size, "r1", "covid", "", None if error else score, prediction,
+    return (uri, etag, size, "r1", "covid", "", None if error else score, None, prediction,
             None if error else threshold, error)
 
 
@@ -81,6 +81,11 @@ def test_sorted_merges_find_new_changed_and_unlisted_objects():
     assert (moved["prediction"], moved["threshold"], moved["score"]) == ("covid", 0.3, 0.4)
     failed = state_row("f", error="not an image")
     assert change.at_threshold(failed) == failed  # no score: nothing to re-apply
+    # a new site card: same threshold, another map -> the probability is re-applied
+    card = ViewChange(threshold=0.5, calibration={"method": "isotonic", "x": [0, 1],
+                                                  "y": [0.2, 0.6]}, recalibrated=True)
+    same = dict(zip(STATE_COLUMNS, card.at_threshold(state_row("c", score=0.5))))
+    assert same["probability"] == pytest.approx(0.4) and card.rethresholded == 0
     merged = list(merged_state(iter([("a", 1), ("b", 1), ("d", 1)]),
                                iter([("b", 2), ("c", 2)])))
     assert merged == [("a", 1), ("b", 2), ("c", 2), ("d", 1)]

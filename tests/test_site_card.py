@@ -2,13 +2,15 @@
 refusals (pure, on generated scores), and `covidray calibrate` on the real S3 server and
 Ray (generated images)."""
 
+import uuid
+
 import numpy as np
 import pandas as pd
 import pytest
 
-from covidray.evaluation import (MIN_PER_CLASS, SampleTooSmall, build_site_card, calibrated,
+from covidray.evaluation import (MIN_PER_CLASS, SampleTooSmall, build_site_card,
                                  choose_calibration)
-from covidray.metrics import summarise
+from covidray.metrics import calibrated, summarise
 
 
 def sample_of(scores, targets, groups=None) -> pd.DataFrame:
@@ -88,29 +90,42 @@ def test_too_small_and_one_class_samples_are_refused_with_the_minimum_stated(cov
         "site's studies")
 
 
-def test_calibrate_writes_the_site_card_of_the_model_and_refuses_a_small_sample_first(
-        storage, trained_run, prefix, ray_local):
+@pytest.fixture(scope="module")
+def site(storage, trained_run, ray_local):
+    """`covidray calibrate` of the session's model on a generated labelled sample of 24 + 24
+    (the sample is also the archive the scoring tests score)."""
     from covidray.layout import RunLayout
+    from covidray.stages.calibrate import CalibrateConfig, calibrate_site
+
+    from conftest import upload_synthetic
+
+    root = f"{trained_run['root']}/site-{uuid.uuid4().hex[:6]}"
+    model = RunLayout(trained_run["run"]).onnx
+    sample = upload_synthetic(storage, f"{root}/sample", 24, 24)
+    config = CalibrateConfig(model=model, labelled=sample, site="st-elsewhere",
+                             output=f"{root}/sites/st-elsewhere", target_sensitivity=0.9,
+                             bootstrap=100)
+    return {"root": root, "model": model, "sample": sample, "config": config,
+            "headline": calibrate_site(config, storage)}
+
+
+def test_calibrate_writes_the_site_card_of_the_model_and_refuses_a_small_sample_first(
+        storage, site, prefix):
     from covidray.model_card import model_digest
     from covidray.stages.calibrate import CalibrateConfig, calibrate_site
 
     from conftest import upload_synthetic
 
-    model = RunLayout(trained_run["run"]).onnx
     small = upload_synthetic(storage, f"{prefix}/small", MIN_PER_CLASS - 1, 30)
-    refused = CalibrateConfig(model=model, labelled=small, site="tiny",
+    refused = CalibrateConfig(model=site["model"], labelled=small, site="tiny",
                               output=f"{prefix}/sites/tiny")
     with pytest.raises(SampleTooSmall, match=f"has {MIN_PER_CLASS - 1} COVID and 30 non-COVID"):
         calibrate_site(refused, storage)
     assert not list(storage.list_files(refused.output))  # refused before anything was written
 
-    sample = upload_synthetic(storage, f"{prefix}/sample", 24, 24)
-    config = CalibrateConfig(model=model, labelled=sample, site="st-elsewhere",
-                             output=f"{prefix}/sites/st-elsewhere", target_sensitivity=0.9,
-                             bootstrap=100)
-    headline = calibrate_site(config, storage)
+    config, headline = site["config"], site["headline"]
     card = storage.read_json(config.layout.site_card)
-    assert card["model_digest"] == model_digest(storage.read_bytes(model))
+    assert card["model_digest"] == model_digest(storage.read_bytes(site["model"]))
     assert (card["sample"]["images"], card["sample"]["covid"]) == (48, 24)
     assert card["operating_point"]["sensitivity"] >= 0.9
     assert headline["threshold"] == card["operating_point"]["threshold"]
@@ -118,3 +133,90 @@ def test_calibrate_writes_the_site_card_of_the_model_and_refuses_a_small_sample_
     assert reference["images"] == 48 and reference["model_digest"] == card["model_digest"]
     assert storage.read_bytes(config.layout.reliability_png)[:8] == b"\x89PNG\r\n\x1a\n"
     print(headline["summary"])
+
+
+def with_isotonic_map(storage, site, prefix) -> str:
+    """The site's card with an isotonic map that visibly moves every score (the session's
+    2-epoch model may earn no map), written under ``prefix``."""
+    card = storage.read_json(site["config"].layout.site_card)
+    card["calibration"]["map"] = {"method": "isotonic", "x": [0.0, 1.0], "y": [0.2, 0.6]}
+    return storage.write_json(f"{prefix}/card/site_card.json", card)
+
+
+def test_scoring_with_a_site_card_applies_its_threshold_map_and_reference(storage, site,
+                                                                           prefix):
+    from covidray.layout import ScoreLayout
+    from covidray.stages.score import ScoreConfig, score_archive
+
+    card = storage.read_json(site["config"].layout.site_card)
+    threshold = card["operating_point"]["threshold"]
+    output = ScoreLayout(f"{prefix}/out")
+    summary = score_archive(ScoreConfig(site["sample"], site["model"], output.root,
+                                        site_card=with_isotonic_map(storage, site, prefix)),
+                            storage)
+    assert summary["threshold"] == threshold
+    assert summary["threshold_source"].startswith(f"site card {prefix}/card/site_card.json of "
+                                                  "st-elsewhere")
+    predictions = storage.read_parquet_dir(output.predictions)
+    assert len(predictions) == 48 and (predictions["threshold"] == threshold).all()
+    assert np.allclose(predictions["probability"], 0.2 + 0.4 * predictions["score"])
+    assert ((predictions["score"] >= threshold)
+            == (predictions["prediction"] == "covid")).all()
+    # drift is judged against the site's own sample: the same 48 images, nothing drifted
+    assert summary["drift"]["judged"] and summary["drift"]["drifted"] == []
+
+
+def test_a_site_card_of_another_model_or_beside_a_threshold_is_refused_before_any_work(
+        storage, site, prefix):
+    from covidray.model_card import StaleModelCard
+    from covidray.stages.score import ScoreConfig, score_archive
+
+    card = storage.read_json(site["config"].layout.site_card)
+    other = storage.write_json(f"{prefix}/other/site_card.json",
+                               {**card, "model_digest": "0" * 64})
+    output = f"{prefix}/out"
+    with pytest.raises(StaleModelCard, match="is the site card of another model"):
+        score_archive(ScoreConfig(site["sample"], site["model"], output, site_card=other),
+                      storage)
+    with pytest.raises(ValueError, match="--threshold and --site-card both set"):
+        score_archive(ScoreConfig(site["sample"], site["model"], output, threshold=0.5,
+                                  site_card=site["config"].layout.site_card), storage)
+    assert not list(storage.list_files(output))
+
+
+def test_a_nightly_view_moves_to_the_site_card_whole_and_stays_consistent(storage, site,
+                                                                         prefix):
+    """A view made without a site card, then a run with one and nothing new: every row of
+    the view is re-applied at the site's threshold with the site's probability; a new
+    object scored under the card joins it the same way."""
+    from covidray.layout import ScoreLayout
+    from covidray.metrics import predicted_labels
+    from covidray.stages.score import ScoreConfig, score_archive
+
+    archive = f"{prefix}/archive"
+    for name in ("a", "b", "c"):
+        storage.copy(f"{site['root']}/sample/{first_image(storage, site)}",
+                     f"{archive}/covid/{name}.png")
+    output = ScoreLayout(f"{prefix}/nightly")
+    plain = ScoreConfig(archive, site["model"], output.root, incremental=True, threshold=0.5)
+    score_archive(plain, storage)
+    card = with_isotonic_map(storage, site, prefix)
+    at_site = ScoreConfig(archive, site["model"], output.root, incremental=True, site_card=card)
+    first = score_archive(at_site, storage)
+    assert first["new"] == 0
+    storage.copy(f"{archive}/covid/a.png", f"{archive}/covid/d.png")
+    second = score_archive(at_site, storage)
+    assert second["new"] == 1
+    current = storage.read_json(output.current)
+    view = pd.concat([storage.read_table(p) for p in storage.list_files(current["state"],
+                                                                        (".parquet",))])
+    threshold = storage.read_json(card)["operating_point"]["threshold"]
+    assert len(view) == 4 and (view["threshold"] == threshold).all()
+    assert np.allclose(view["probability"], 0.2 + 0.4 * view["score"])
+    assert (view["prediction"] == predicted_labels(view["score"], threshold)).all()
+    assert current["calibration"] and current["threshold"] == threshold
+
+
+def first_image(storage, site) -> str:
+    manifest = storage.read_table(site["sample"])
+    return manifest["file"].iloc[0]

@@ -4,7 +4,8 @@ An object is identified by ``(uri, etag, size)`` (ETag and size come with every 
 a manifest row without them gets them from a HEAD request for the object, made by the
 scoring stage; one that cannot be read keeps none). The *state table* of a scoring output
 is also its cumulative view: one row per object the archive lists, with its latest
-result (the run that scored it, its score, prediction and threshold, or why it failed),
+result (the run that scored it, its score, probability, prediction and threshold, or why
+it failed),
 sorted by URI, in Parquet parts of one schema; each run merges its own rows in and writes a
 new generation. Both the archive listing and the state are consumed as URI-sorted streams,
 so working out the new objects takes memory independent of the archive's size.
@@ -23,13 +24,14 @@ from typing import Iterable, Iterator
 import pandas as pd
 import pyarrow as pa
 
-from covidray.metrics import predicted_labels
+from covidray.metrics import calibrated, predicted_labels
 
 KEY = ("uri", "etag", "size")
 SORTED_BATCH_ROWS = 65_536  # rows a URI-sorted stream (listing, results, scores) reads at once
 STATE_SCHEMA = pa.schema([("uri", pa.string()), ("etag", pa.string()), ("size", pa.int64()),
                           ("run", pa.string()), ("label", pa.string()), ("source", pa.string()),
-                          ("score", pa.float64()), ("prediction", pa.string()),
+                          ("score", pa.float64()), ("probability", pa.float64()),
+                          ("prediction", pa.string()),
                           ("threshold", pa.float64()), ("error", pa.string())])
 STATE_COLUMNS = STATE_SCHEMA.names  # the key, the run, then the result
 _TEXT = [f.name for f in STATE_SCHEMA if f.type == pa.string() and f.name != "run"]
@@ -38,7 +40,8 @@ _TEXT = [f.name for f in STATE_SCHEMA if f.type == pa.string() and f.name != "ru
 def state_table(part: pd.DataFrame, run: str) -> pa.Table:
     """A ``predictions`` or ``errors`` part of ``run`` as state rows: a scored object has an
     empty ``error``, a failed one no score, prediction or threshold."""
-    fill = {"score": None, "prediction": None, "threshold": None, "error": ""}
+    fill = {"score": None, "probability": None, "prediction": None, "threshold": None,
+            "error": ""}
     data = {name: part[name].tolist() if name in part else [fill.get(name)] * len(part)
             for name in STATE_COLUMNS if name != "run"}
     for name in _TEXT:  # a column of missing values only (no label anywhere) reads as float
@@ -61,9 +64,13 @@ def rows(frames: Iterable[pd.DataFrame], columns=KEY) -> Iterator[tuple]:
 @dataclass
 class ViewChange:
     """What a run's listing does to the cumulative view besides the objects it scores. The
-    view holds exactly the objects listed now, each at the run's operating threshold."""
+    view holds exactly the objects listed now, each at the run's operating threshold and
+    with the probability of its site card's ``calibration`` map (none: NaN);
+    ``recalibrated``: the view was made under another map."""
 
     threshold: float
+    calibration: dict | None = None
+    recalibrated: bool = False
     listed: int = 0         # distinct URIs in the listing: the rows the next view holds
     previous: int = 0       # rows of the view the run started from
     kept: int = 0           # still listed and unchanged: carried over, not rescored
@@ -72,25 +79,28 @@ class ViewChange:
 
     @property
     def changes_view(self) -> bool:
-        return bool(self.removed or self.rethresholded)
+        return bool(self.removed or self.rethresholded or (self.recalibrated and self.kept))
 
     def at_threshold(self, row: tuple) -> tuple:
-        """A kept state row with its prediction by this run's threshold (the same score: the
-        view is of one model, so only the operating point can have moved); counted in
-        ``rethresholded`` where that changes it."""
+        """A kept state row with its prediction by this run's threshold and its probability
+        by this run's map (the same score: the view is of one model, so only the operating
+        point can have moved); counted in ``rethresholded`` where the threshold moved."""
         score = row[_SCORE]
-        if (row[_ERROR] != "" or score is None or score != score
-                or row[_THRESHOLD] == self.threshold):
-            return row  # failed (no score), or already at this threshold
-        self.rethresholded += 1
+        moved = row[_THRESHOLD] != self.threshold
+        if row[_ERROR] != "" or score is None or score != score or not (
+                moved or self.recalibrated):
+            return row  # failed (no score), or already at this operating point
+        self.rethresholded += int(moved)
         row = list(row)
         row[_PREDICTION] = str(predicted_labels([score], self.threshold)[0])
         row[_THRESHOLD] = self.threshold
+        probability = float(calibrated(self.calibration, [score])[0])
+        row[_PROBABILITY] = None if probability != probability else probability
         return tuple(row)
 
 
-_SCORE, _PREDICTION, _THRESHOLD, _ERROR = (STATE_COLUMNS.index(c) for c in
-                                           ("score", "prediction", "threshold", "error"))
+_SCORE, _PROBABILITY, _PREDICTION, _THRESHOLD, _ERROR = (
+    STATE_COLUMNS.index(c) for c in ("score", "probability", "prediction", "threshold", "error"))
 
 
 def reconcile(listed: Iterable[pd.DataFrame], done: Iterator[tuple], change: ViewChange

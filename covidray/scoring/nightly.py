@@ -14,7 +14,9 @@ last two are deleted (:meth:`NightlyView.delete_old_states`).
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 from dataclasses import replace
 
 import pandas as pd
@@ -37,6 +39,13 @@ from covidray.storage.lease import Lease
 from covidray.storage.location import name_of
 
 STATE_PART_ROWS = 50_000
+
+
+def map_digest(calibration: dict | None) -> str:
+    """Which calibration map a view's probabilities are under ("": none)."""
+    if not calibration:
+        return ""
+    return hashlib.sha256(json.dumps(calibration, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def empty_view(model_digest: str) -> dict:
@@ -74,9 +83,10 @@ class NightlyView:
     under ``output.staged(run_id, ...)``."""
 
     def __init__(self, storage: Storage, output: ScoreLayout, part: ScoreLayout, run_id: str,
-                 identity: ViewIdentity, max_removed: float):
+                 identity: ViewIdentity, max_removed: float, calibration: dict | None = None):
         self.storage, self.output, self.part, self.run_id = storage, output, part, run_id
         self.identity, self.max_removed = identity, max_removed
+        self.calibration = calibration  # the site card's map (identity.calibration: its digest)
         # The view this run starts from (a view of another archive is refused here, before
         # anything is written).
         self.current = read_current(storage, output, identity)
@@ -150,7 +160,9 @@ class NightlyView:
         listing = index.sort("uri").iter_batches(batch_size=SORTED_BATCH_ROWS,
                                                  batch_format="pandas")
         done = merged_state(self.state_rows(), self.sorted_results() if adopted else iter(()))
-        change, todo, kept, parts = ViewChange(self.identity.threshold), 0, [], 0
+        change = ViewChange(self.identity.threshold, self.calibration,
+                            self.current.get("calibration", "") != self.identity.calibration)
+        todo, kept, parts = 0, [], 0
         todo_folder = self.output.staged(self.run_id, "todo")
         for number, (frame, still) in enumerate(reconcile(listing, done, change)):
             if len(frame):
@@ -184,6 +196,9 @@ class NightlyView:
         if change.rethresholded:
             print(f"{change.rethresholded} earlier predictions re-applied at threshold "
                   f"{self.identity.threshold:.4g} (same model, same scores)", flush=True)
+        if change.recalibrated and change.kept:
+            print(f"the site card's calibration changed: {change.kept} earlier probabilities "
+                  "re-applied (same model, same scores)", flush=True)
 
     # --- the next generation ---------------------------------------------------------------
     def write_state(self, change: ViewChange) -> tuple[str, int]:
@@ -250,8 +265,8 @@ class NightlyRun(ScoringRun):
         super().__init__(config, storage, model, plan, lease, run_id, published=part,
                          writing=part)
         self.view = NightlyView(storage, output, part, run_id, ViewIdentity(
-            config.archive, config.model, model.digest, config.views, model.threshold),
-            config.max_removed)
+            config.archive, config.model, model.digest, config.views, model.threshold,
+            map_digest(model.calibration)), config.max_removed, model.calibration)
 
     def run(self) -> RunSummary | NothingNew:
         view, config = self.view, self.config

@@ -26,7 +26,8 @@ IDENTITY_COLUMNS = ["etag", "size"]  # with the uri: which version of an object 
 CARRIED = [*ARCHIVE_COLUMNS, *IDENTITY_COLUMNS]  # what an index row carries to the outputs
 # Outputs add what loading found: the DICOM UIDs, view position, modality, manufacturer and
 # the view check (empty strings where an image has none).
-PREDICTION_COLUMNS = [*CARRIED, *LOADED_COLUMNS, "score", "prediction", "threshold"]
+PREDICTION_COLUMNS = [*CARRIED, *LOADED_COLUMNS, "score", "probability", "prediction",
+                      "threshold"]
 ERROR_COLUMNS = [*CARRIED, *LOADED_COLUMNS, "error"]
 RESULT_PART_ROWS = 20_000  # rows per predictions/errors part the driver writes
 _FLOAT_COLUMNS, _INT_COLUMNS = {"score", "threshold", *NUMBERS}, {"size"}

@@ -57,6 +57,7 @@ def scored_batches(storage: Storage, index: str, model: ModelToScore, plan, view
                .map_batches(OnnxScorer,
                             fn_constructor_kwargs={"model": model.data, "name": model.uri,
                                                    "threshold": model.threshold,
+                                                   "calibration": model.calibration,
                                                    "threads": plan.inference_threads,
                                                    "gpu": plan.inference_gpus > 0,
                                                    "keep": (*CARRIED, *LOADED_COLUMNS,

@@ -35,13 +35,16 @@ class RunIdentity:
 @dataclass(frozen=True)
 class ViewIdentity:
     """What a nightly view holds: one model's results over one archive, under one ``--views``
-    policy, at one operating threshold (the head of ``_CURRENT.json``)."""
+    policy, at one operating threshold, under one site card's calibration map
+    (``calibration``: its digest, ``""`` without a site card; the head of
+    ``_CURRENT.json``)."""
 
     archive: str
     model: str
     model_digest: str
     views: str
     threshold: float
+    calibration: str = ""
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -50,7 +53,8 @@ class ViewIdentity:
     def from_json(cls, data: dict, views: str) -> "ViewIdentity":
         """A view written before ``views`` was recorded is of the policy given."""
         return cls(data["archive"], data["model"], data["model_digest"],
-                   data.get("views", views), float(data["threshold"]))
+                   data.get("views", views), float(data["threshold"]),
+                   data.get("calibration", ""))
 
 
 @dataclass

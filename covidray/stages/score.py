@@ -47,6 +47,10 @@ class ScoreConfig:
     threshold: float | None = option(None, "operating threshold (default: the model card's, "
                                            "chosen on validation by `covidray evaluate`; "
                                            "else the model's training default)", bounds=(0, 1))
+    site_card: str | None = option(None, "a site card (`covidray calibrate`) of this model: "
+                                         "score at the site's threshold, write the site's "
+                                         "calibrated probability beside each score, and judge "
+                                         "drift against the site's labelled sample")
     batch_size: int | None = option(None, "images per inference batch (default: 32 on CPUs, "
                                           "128 on a GPU)", bounds=(1, None))
     gpu: str = option("auto", "auto: where the cluster has GPUs and onnxruntime on its GPU "
@@ -110,7 +114,7 @@ def score_archive(config: ScoreConfig, storage: Storage, ray_address: str | None
     started = time.time()
     storage.check(config.archive)
     storage.check(config.output, writable=True)
-    model = model_to_score(storage, config.model, config.threshold)
+    model = model_to_score(storage, config.model, config.threshold, config.site_card)
     print(f"threshold {model.threshold:.4g} from {model.threshold_source}", flush=True)
     # Join the cluster before any Ray Data call: Ray Data would otherwise start Ray itself
     # with address "auto", which finds whatever cluster this machine last ran (dead or not).
