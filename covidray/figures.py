@@ -117,6 +117,23 @@ def _reliability(axes, calibration: dict, title: str) -> None:
              title=f"{title} (Brier {decimal(calibration['brier'])})", xlim=(0, 1), ylim=(0, 1))
 
 
+def site_roc_png(scores, targets, auc: float, point: dict) -> bytes:
+    """A site's ROC curve on its labelled sample, with its chosen operating point."""
+    from sklearn.metrics import roc_curve
+
+    fpr, tpr, _ = roc_curve(np.asarray(targets), np.asarray(scores, float))
+    figure, axes = plt.subplots(figsize=(4.5, 4))
+    axes.plot([0, 1], [0, 1], ls="--", color="grey")
+    axes.plot(fpr, tpr, color="tab:red")
+    axes.plot([1 - point["specificity"]], [point["sensitivity"]], "o", color="black")
+    axes.annotate(f"threshold {point['threshold']:.3g}",
+                  (1 - point["specificity"], point["sensitivity"]), fontsize=8,
+                  xytext=(8, -12), textcoords="offset points")
+    axes.set(xlabel="1 - specificity", ylabel="sensitivity", xlim=(0, 1), ylim=(0, 1.02),
+             title=f"ROC at the site (AUC {decimal(auc)})")
+    return _png(figure)
+
+
 def reliability_pair_png(calibration: dict) -> bytes:
     """A site card's reliability diagrams: the raw scores, and the chosen map's held-out
     probabilities (:func:`covidray.evaluation.build_site_card`)."""

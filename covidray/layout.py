@@ -283,6 +283,15 @@ class SiteLayout(_Layout):
     def reliability_png(self) -> str:
         return self._at("reliability.png")
 
+    @property
+    def site_roc_png(self) -> str:
+        return self._at("site_roc.png")
+
+    @property
+    def report(self) -> str:
+        """The site card as one page: text, tables and both figures."""
+        return self._at("site_report.html")
+
 
 @dataclass(frozen=True)
 class DataLayout(_Layout):

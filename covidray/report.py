@@ -145,13 +145,7 @@ def summary_blocks(result: dict) -> list:
                      f"({_ci(test['sensitivity_ci95'])}), specificity "
                      f"{percent(test['specificity'])} ({_ci(test['specificity_ci95'])}).")]
     for column, entries in result["breakdown"].items():
-        rows = [[str(row[column]), str(row["images"]), str(row["covid"]), str(row["non_covid"]),
-                 "n/a (one class)" if row["roc_auc"] is None else decimal(row["roc_auc"]),
-                 percent(row["sensitivity"]), percent(row["specificity"]),
-                 decimal(row["mean_score"], ".3g")] for row in entries]
-        blocks += [("h2", f"By {column}"),
-                   Table([column, "images", "covid", "non_covid", "ROC AUC", "sensitivity",
-                          "specificity", "mean score"], rows)]
+        blocks += [("h2", f"By {column}"), breakdown_table(column, entries, mean_score=True)]
     if "audit" in result:
         blocks += [("h2", "Shortcut audit"), ("p", result["audit"]["reading"])]
     if "drift" in result:
@@ -180,6 +174,16 @@ def summary_blocks(result: dict) -> list:
     blocks.append(("p", f"Positive means {POSITIVE_RULE}. Sensitivity/specificity at the "
                         "operating point use the threshold chosen on validation only."))
     return blocks
+
+
+def breakdown_table(column: str, entries: list[dict], mean_score: bool = False) -> Table:
+    """Rows of :func:`covidray.evaluation.breakdown` as a table."""
+    rows = [[str(row[column]), str(row["images"]), str(row["covid"]), str(row["non_covid"]),
+             "n/a (one class)" if row["roc_auc"] is None else decimal(row["roc_auc"]),
+             percent(row["sensitivity"]), percent(row["specificity"]),
+             *([decimal(row["mean_score"], ".3g")] if mean_score else [])] for row in entries]
+    return Table([column, "images", "covid", "non_covid", "ROC AUC", "sensitivity",
+                  "specificity", *(["mean score"] if mean_score else [])], rows)
 
 
 def to_markdown(blocks: list) -> str:
@@ -228,19 +232,67 @@ img{max-width:520px}figcaption{font-size:.9em;color:#444}"""
 def report_html(result: dict, pngs: dict[str, bytes]) -> bytes:
     """One page: the summary's headings, text and tables as HTML, then every figure inline
     with its caption."""
-    captions = _figure_captions(pngs)
+    return page_html(f"covidray evaluation: {result['run']}", summary_blocks(result), pngs,
+                     _figure_captions(pngs),
+                     f"Paper thresholds: {', '.join(f'{t:.2f}' for t in PAPER_THRESHOLDS)}.")
+
+
+def page_html(title: str, blocks: list, pngs: dict[str, bytes], captions: dict[str, str],
+              note: str = "") -> bytes:
+    """``blocks`` as HTML under ``title``, then every figure inline with its caption."""
     figures_html = "\n".join(
         f'<figure><img alt="{html.escape(captions[name])}" src="data:image/png;base64,'
         f'{base64.b64encode(data).decode()}"><figcaption>{html.escape(captions[name])} '
         f'<code>{html.escape(name)}</code></figcaption></figure>'
         for name, data in pngs.items())
     page = f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>covidray evaluation: {html.escape(result['run'])}</title>
+<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>{_STYLE}</style>
 </head><body>
-{to_html(summary_blocks(result))}
+{to_html(blocks)}
 <h2>Figures</h2>
-<p>Paper thresholds: {', '.join(f'{t:.2f}' for t in PAPER_THRESHOLDS)}.</p>
+<p>{html.escape(note)}</p>
 {figures_html}
 </body></html>"""
     return page.encode()
+
+
+# --- a site's page (covidray calibrate) ------------------------------------------------------
+
+SITE_CAPTIONS = {"site_roc.png": "ROC on the site's labelled sample, with the site's "
+                                 "operating point",
+                 "reliability.png": "Reliability: the raw scores, and the chosen map's held-out "
+                                    "probabilities"}
+
+
+def site_blocks(card: dict) -> list:
+    """A site card as text and tables (:func:`covidray.evaluation.build_site_card`)."""
+    sample, point, chosen = card["sample"], card["operating_point"], card["calibration"]
+    blocks = [("h1", f"covidray site card: {card['site']}"),
+              ("p", f"Model {card['model']} (digest {card['model_digest'][:16]}), measured on "
+                    f"{sample['images']} labelled images of the site ({sample['covid']} covid, "
+                    f"{sample['non_covid']} non_covid, {sample['patients']} patients; "
+                    f"{sample['failed']} failed to load) from {sample['manifest']}."),
+              ("p", f"ROC AUC at the site {decimal(card['roc_auc'])} (95% CI "
+                    f"{_ci(card['roc_auc_ci95'], False)}; patient-level bootstrap, "
+                    f"{card['bootstrap']['replicates']} replicates)."),
+              ("h2", "Operating point"),
+              ("p", f"Threshold {point['threshold']:.4g}: {point['how']}. Sensitivity "
+                    f"{percent(point['sensitivity'])} ({_ci(point['sensitivity_ci95'])}), "
+                    f"specificity {percent(point['specificity'])} "
+                    f"({_ci(point['specificity_ci95'])}); positive means {card['positive_rule']}.")]
+    for column, entries in card["by"].items():
+        blocks += [("h2", f"Within each {column}"), breakdown_table(column, entries)]
+    held = chosen["held_out"]
+    blocks += [("h2", "Calibration"),
+               ("p", f"Map: {chosen['map']['method']}, chosen by {chosen['chosen_by']}."),
+               Table(["scores", "held-out log-loss", "held-out Brier"],
+                     [[name, decimal(held[name]["log_loss"]), decimal(held[name]["brier"])]
+                      for name in held]),
+               ("h2", "What this does not prove"), ("p", card["not_proven"])]
+    return blocks
+
+
+def site_html(card: dict, pngs: dict[str, bytes]) -> bytes:
+    return page_html(f"covidray site card: {card['site']}", site_blocks(card), pngs,
+                     {name: SITE_CAPTIONS.get(name, name) for name in pngs})

@@ -157,3 +157,36 @@ def bad_archive(storage, root):
     storage.write_bytes(f"{root}/covid/empty.png", b"")
     storage.write_bytes(f"{root}/covid/text.png", b"not an image at all")
     storage.write_bytes(f"{root}/README.txt", b"not listed: not an image suffix")
+
+
+def in_a_browser(page: bytes, tmp_path) -> dict:
+    """An HTML page opened in headless Chromium (Debian's; ``.ci/run`` installs it; the test
+    skips where there is none, except in CI): its tables (header, rows), its figures (loaded,
+    caption), how many ``<pre>`` blocks, and its visible text."""
+    import shutil
+
+    browser_path = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser_path is None:
+        assert os.environ.get("CI") != "true", "CI installs chromium: .ci/run"
+        pytest.skip("no chromium here (apt-get install chromium)")
+    from playwright.sync_api import sync_playwright
+
+    page_file = tmp_path / "page.html"
+    page_file.write_bytes(page)
+    with sync_playwright() as driver:
+        browser = driver.chromium.launch(executable_path=browser_path,
+                                         args=["--no-sandbox", "--disable-gpu"])
+        tab = browser.new_page()
+        tab.goto(page_file.as_uri())
+        shown = tab.evaluate("""() => ({
+            tables: [...document.querySelectorAll('table')].map(t => ({
+                header: [...t.querySelectorAll('thead th')].map(c => c.textContent),
+                rows: [...t.querySelectorAll('tbody tr')].map(
+                    r => [...r.querySelectorAll('td')].map(c => c.textContent))})),
+            images: [...document.querySelectorAll('figure img')].map(i => ({
+                loaded: i.complete && i.naturalWidth > 0,
+                caption: i.parentElement.querySelector('figcaption').textContent})),
+            pre: document.querySelectorAll('pre').length,
+            text: document.body.innerText})""")
+        browser.close()
+    return shown

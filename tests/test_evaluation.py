@@ -1,6 +1,5 @@
 """The evaluation report: intervals, operating point from validation, breakdowns."""
 
-import os
 import uuid
 
 import numpy as np
@@ -19,7 +18,7 @@ from covidray.imaging.recipe import RECIPE
 from covidray.stages.evaluate import EvaluateConfig, evaluate_run
 from covidray.stages.score import ScoreConfig, score_archive
 
-from conftest import upload_synthetic
+from conftest import in_a_browser, upload_synthetic
 
 
 
@@ -286,46 +285,16 @@ def test_the_report_shows_subgroups_saliency_and_the_shortcut_audit(storage, eva
     assert "## Shortcut audit" in storage.read_bytes(layout.report_file("summary.md")).decode()
 
 
-def chromium() -> str | None:
-    """Debian's chromium (``.ci/run`` installs it); None where this machine has none."""
-    import shutil
-
-    return shutil.which("chromium") or shutil.which("chromium-browser")
-
-
 def test_the_report_page_renders_its_tables_and_figures_in_a_real_browser(storage, evaluated,
                                                                           tmp_path):
     """report.html opened in headless Chromium: every table of the summary is an HTML table
     with its rows, every figure loads and has its caption, and no Markdown source shows."""
     from covidray.report import Table, summary_blocks
 
-    browser_path = chromium()
-    if browser_path is None:
-        assert os.environ.get("CI") != "true", "CI installs chromium: .ci/run"
-        pytest.skip("no chromium here (apt-get install chromium)")
-    from playwright.sync_api import sync_playwright
-
     layout = evaluated["layout"]
-    page_file = tmp_path / "report.html"
-    page_file.write_bytes(storage.read_bytes(layout.report_file("report.html")))
+    shown = in_a_browser(storage.read_bytes(layout.report_file("report.html")), tmp_path)
     tables = [b for b in summary_blocks(storage.read_json(layout.report_file("report.json")))
               if isinstance(b, Table)]
-    with sync_playwright() as driver:
-        browser = driver.chromium.launch(executable_path=browser_path,
-                                         args=["--no-sandbox", "--disable-gpu"])
-        page = browser.new_page()
-        page.goto(page_file.as_uri())
-        shown = page.evaluate("""() => ({
-            tables: [...document.querySelectorAll('table')].map(t => ({
-                header: [...t.querySelectorAll('thead th')].map(c => c.textContent),
-                rows: [...t.querySelectorAll('tbody tr')].map(
-                    r => [...r.querySelectorAll('td')].map(c => c.textContent))})),
-            images: [...document.querySelectorAll('figure img')].map(i => ({
-                loaded: i.complete && i.naturalWidth > 0,
-                caption: i.parentElement.querySelector('figcaption').textContent})),
-            pre: document.querySelectorAll('pre').length,
-            text: document.body.innerText})""")
-        browser.close()
     assert [(t["header"], t["rows"]) for t in shown["tables"]] == [
         (t.header, t.rows) for t in tables]
     assert len(shown["images"]) >= 10 and all(i["loaded"] for i in shown["images"])

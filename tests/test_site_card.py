@@ -135,6 +135,25 @@ def test_calibrate_writes_the_site_card_of_the_model_and_refuses_a_small_sample_
     print(headline["summary"])
 
 
+def test_the_site_page_shows_the_card_in_a_real_browser(storage, site, tmp_path):
+    """site_report.html in headless Chromium: the card's tables as HTML tables, the ROC with
+    the site's point and the reliability diagrams loaded, the limits stated."""
+    from covidray.report import Table, site_blocks
+
+    from conftest import in_a_browser
+
+    layout = site["config"].layout
+    card = storage.read_json(layout.site_card)
+    shown = in_a_browser(storage.read_bytes(layout.report), tmp_path)
+    tables = [b for b in site_blocks(card) if isinstance(b, Table)]
+    assert [(t["header"], t["rows"]) for t in shown["tables"]] == [
+        (t.header, t.rows) for t in tables]
+    assert [i["loaded"] for i in shown["images"]] == [True, True]
+    assert "ROC on the site's labelled sample" in shown["images"][0]["caption"]
+    assert f"Threshold {card['operating_point']['threshold']:.4g}" in shown["text"]
+    assert "It is not a clinical validation" in shown["text"]
+
+
 def with_isotonic_map(storage, site, prefix) -> str:
     """The site's card with an isotonic map that visibly moves every score (the session's
     2-epoch model may earn no map), written under ``prefix``."""

@@ -2,8 +2,9 @@
 
 Scores the sample with the one scorer (a ``covidray score`` run into ``<output>/sample``),
 then writes the site card (:func:`covidray.evaluation.build_site_card`), the site's drift
-reference (the sample's profile) and the reliability diagrams of the raw scores and the
-chosen calibration map; the layout is
+reference (the sample's profile), the ROC with the site's operating point, the
+reliability diagrams of the raw scores and the chosen calibration map, and one HTML page of
+it all (:func:`covidray.report.site_html`); the layout is
 :class:`covidray.layout.SiteLayout`. A sample with fewer than 20 labelled images of either
 class is refused before any cluster work, and again if too few of them could be scored.
 """
@@ -21,6 +22,7 @@ from covidray.evaluation import labelled, with_columns
 from covidray.labels import LABELS, POSITIVE_LABEL
 from covidray.layout import ScoreLayout, SiteLayout
 from covidray.metrics import decimal, percent
+from covidray.report import site_html
 from covidray.evaluation import build_site_card, require_enough
 from covidray.stages.score import ScoreConfig, score_archive
 from covidray.storage import Storage
@@ -80,8 +82,12 @@ def calibrate_site(config: CalibrateConfig, storage: Storage,
                                f"{config.site})")
     card["drift_reference"] = layout.drift_reference
     storage.write_json(layout.drift_reference, reference)
-    storage.write_bytes(layout.reliability_png, figures.reliability_pair_png(
-        card["calibration"]), "image/png")
+    pngs = {"site_roc.png": figures.site_roc_png(sample["score"], sample["target"],
+                                                 card["roc_auc"], card["operating_point"]),
+            "reliability.png": figures.reliability_pair_png(card["calibration"])}
+    for uri, data in zip((layout.site_roc_png, layout.reliability_png), pngs.values()):
+        storage.write_bytes(uri, data, "image/png")
+    storage.write_bytes(layout.report, site_html(card, pngs), "text/html")
     storage.write_json(layout.site_card, card)
     return headline(card, layout)
 
@@ -91,7 +97,8 @@ def headline(card: dict, layout: SiteLayout) -> dict:
     held = chosen["held_out"]
     method = chosen["map"]["method"]
     return {
-        "site": card["site"], "site_card": layout.site_card, "images": card["sample"]["images"],
+        "site": card["site"], "site_card": layout.site_card, "report": layout.report,
+        "images": card["sample"]["images"],
         "roc_auc": card["roc_auc"], "roc_auc_ci95": card["roc_auc_ci95"],
         "threshold": point["threshold"],
         "sensitivity": point["sensitivity"], "specificity": point["specificity"],
