@@ -281,8 +281,9 @@ def test_local_s3_server_restarts_on_its_data_and_leaves_no_anonymous_door(tmp_p
 @pytest.mark.cluster
 def test_two_local_stacks_run_side_by_side_and_a_taken_port_is_named(tmp_path):
     """Two infra/local stacks (S3 server + Ray head), each with its own state folder and
-    ports from the environment, up at once; each answers with its own token and keys. A
-    third asking for a port the first holds stops, naming the variable that moves it."""
+    ports from the environment, up at once; each answers with its own token and keys, and a
+    job submitted to the first runs there. A third asking for a port the first holds stops,
+    naming the variable that moves it."""
     import subprocess
     import urllib.error
     import urllib.request
@@ -327,6 +328,15 @@ def test_two_local_stacks_run_side_by_side_and_a_taken_port_is_named(tmp_path):
                  f"print(s.read_bytes('s3://stack-{name}/x').decode())\""],
                 cwd=REPO, env=clean, capture_output=True, text=True, timeout=120)
             assert check.stdout.strip() == name, check.stderr[-2000:]
+        # A job submitted to the first stack, started before the second, runs on the first:
+        # with one shared Ray temp dir its supervisor handed it the second's address.
+        job = subprocess.run(
+            ["bash", "-c", f"source {a['COVIDRAY_LOCAL']}/env.sh && .venv/bin/ray job submit "
+             "--address $COVIDRAY_RAY_DASHBOARD -- python -c \"import ray; ray.init(); "
+             "print('GCS', ray.get_runtime_context().gcs_address)\""],
+            cwd=REPO, env=clean, capture_output=True, text=True, timeout=300)
+        assert re.search(rf"GCS [\d.]+:{a['COVIDRAY_RAY_PORT']}\n", job.stdout), (
+            job.stdout[-2000:] + job.stderr[-2000:])
 
         stacks["c"] = stack("c", COVIDRAY_RAY_PORT=a["COVIDRAY_RAY_PORT"])
         taken = subprocess.run(["infra/local/up.sh"], cwd=REPO, env=stacks["c"],

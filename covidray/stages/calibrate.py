@@ -63,6 +63,8 @@ def calibrate_site(config: CalibrateConfig, storage: Storage,
     require_enough((manifest["label"] == POSITIVE_LABEL).astype(int)
                    .where(manifest["label"].isin(LABELS), -1), f"{config.labelled}")
     storage.write_json(layout.config, to_dict(config))
+    # Any threshold: only the sample's scores are used (not a card beside the model: a card
+    # of an earlier export must not stop a site from measuring this one).
     scored = score_archive(ScoreConfig(archive=config.labelled, model=config.model,
                                        output=layout.sample_scores, threshold=0.5),
                            storage, ray_address)

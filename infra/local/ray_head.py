@@ -25,11 +25,13 @@ listens on 127.0.0.1 only.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import secrets
 import shutil
 import sys
+import tempfile
 import urllib.request
 
 from pidfile import already_running, launch, stop_recorded
@@ -97,6 +99,16 @@ def _pid_file(directory: str) -> str:
     return os.path.join(directory, "ray.pid")
 
 
+def temp_dir(directory: str) -> str:
+    """The Ray node's own temp dir (sessions, logs, sockets), one per ``directory``. Ray
+    records the latest cluster it started in ``<temp dir>/ray_current_cluster``, and a job's
+    supervisor finds its own cluster there: with the default ``/tmp/ray`` shared, a job
+    submitted to the first of two local clusters connected to the second, and failed on its
+    token. Short, for the sockets inside it (a Unix socket path holds at most 107 bytes)."""
+    digest = hashlib.sha256(os.path.abspath(directory).encode()).hexdigest()[:12]
+    return os.path.join(tempfile.gettempdir(), f"covidray-ray-{digest}")
+
+
 def dashboard_up(dashboard_port: int, token_path: str) -> bool:
     """The dashboard answers an authenticated request."""
     with open(token_path) as fh:
@@ -137,7 +149,7 @@ def start(directory: str = DEFAULT_DIR, port: int = 6380, dashboard_port: int = 
                "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
                f"--dashboard-port={dashboard_port}", f"--num-cpus={num_cpus}",
                f"--ray-client-server-port={client_port}",
-               f"--dashboard-agent-listen-port={agent_port}",
+               f"--dashboard-agent-listen-port={agent_port}", f"--temp-dir={temp_dir(directory)}",
                "--disable-usage-stats", "--include-dashboard=true"]
     child_env = {**os.environ, **auth,
                  "PATH": f"{python_bin}{os.pathsep}{os.environ.get('PATH', '')}", **(env or {})}
@@ -174,7 +186,8 @@ def join(directory: str, head_port: int, dashboard_port: int, num_cpus: int,
     command = [os.path.join(python_bin, "ray"), "start", "--block",
                f"--address=127.0.0.1:{head_port}", f"--num-cpus={num_cpus}",
                f"--resources={json.dumps(resources or {})}",
-               f"--dashboard-agent-listen-port={agent_port}", "--disable-usage-stats"]
+               f"--dashboard-agent-listen-port={agent_port}", f"--temp-dir={temp_dir(directory)}",
+               "--disable-usage-stats"]
     child_env = {**os.environ, **auth,
                  "PATH": f"{python_bin}{os.pathsep}{os.environ.get('PATH', '')}", **(env or {})}
 
