@@ -236,7 +236,8 @@ def choose_calibration(scores, targets, groups, seed: int) -> tuple[dict, dict, 
     for train, test in folds.split(scores, targets, groups):
         for name, fit in FITS.items():
             held[name][test] = calibrated(fit(scores[train], targets[train]), scores[test])
-    measured = {name: {"log_loss": float(log_loss(targets, np.clip(p, SCORE_EDGE, 1 - SCORE_EDGE))),
+    measured = {name: {"log_loss": float(log_loss(targets,
+                                                  np.clip(p, SCORE_EDGE, 1 - SCORE_EDGE))),
                        "brier": float(brier_score_loss(targets, p))}
                 for name, p in held.items()}
     best = min(FITS, key=lambda name: measured[name]["log_loss"])
