@@ -41,11 +41,11 @@ def model_to_score(storage: Storage, model_uri: str, given_threshold: float | No
                            "fix --model")
     data = storage.read_bytes(model_uri)
     metadata = OnnxScorer(data, model_uri).metadata  # loaded once: a bad model fails now
-    card_uri = model_card_beside(model_uri)
-    card = storage.read_json(card_uri) if storage.exists(card_uri) else None
     digest = model_digest(data)
     if site_card_uri:
         return _at_site(storage, model_uri, data, digest, given_threshold, site_card_uri)
+    card_uri = model_card_beside(model_uri)
+    card = storage.read_json(card_uri) if storage.exists(card_uri) else None
     threshold, source = scoring_threshold(given_threshold, card, metadata, digest, card_uri)
     reference_uri = drift_reference_beside(model_uri)
     reference = storage.read_json(reference_uri) if storage.exists(reference_uri) else None

@@ -14,7 +14,6 @@ last two are deleted (:meth:`NightlyView.delete_old_states`).
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 from dataclasses import replace
@@ -25,6 +24,7 @@ from covidray.datasets import is_manifest
 from covidray.drift import history_row
 from covidray.labels import LABELS
 from covidray.layout import ScoreLayout, part_name
+from covidray.model_card import model_digest
 from covidray.scoring import fault_points
 from covidray.scoring.index import same_archive, staged_index, with_identity
 from covidray.scoring.merge import (SORTED_BATCH_ROWS, STATE_COLUMNS, STATE_SCHEMA, ViewChange,
@@ -43,9 +43,7 @@ STATE_PART_ROWS = 50_000
 
 def map_digest(calibration: dict | None) -> str:
     """Which calibration map a view's probabilities are under ("": none)."""
-    if not calibration:
-        return ""
-    return hashlib.sha256(json.dumps(calibration, sort_keys=True).encode()).hexdigest()[:16]
+    return model_digest(json.dumps(calibration, sort_keys=True).encode()) if calibration else ""
 
 
 def empty_view(model_digest: str) -> dict:

@@ -19,7 +19,7 @@ from covidray.config import (DEFAULT_BOOTSTRAP, DEFAULT_SEED, DEFAULT_TARGET_SEN
 from covidray.datasets import load_index
 from covidray.drift import make_reference
 from covidray.evaluation import labelled, with_columns
-from covidray.labels import LABELS, POSITIVE_LABEL
+from covidray.labels import label_index
 from covidray.layout import ScoreLayout, SiteLayout
 from covidray.metrics import decimal, percent
 from covidray.report import site_html
@@ -60,8 +60,7 @@ def calibrate_site(config: CalibrateConfig, storage: Storage,
     """Score the site's labelled sample and write its site card; returns the headline."""
     layout = config.layout
     manifest = load_index(storage, config.labelled, require_labels=False)
-    require_enough((manifest["label"] == POSITIVE_LABEL).astype(int)
-                   .where(manifest["label"].isin(LABELS), -1), f"{config.labelled}")
+    require_enough(label_index(manifest["label"]), config.labelled)
     storage.write_json(layout.config, to_dict(config))
     # Any threshold: only the sample's scores are used (not a card beside the model: a card
     # of an earlier export must not stop a site from measuring this one).
